@@ -1,0 +1,316 @@
+"""Benchmarks: matmul peak, training tokens/s / MFU / peak RSS, decode tokens/s and tokenisation MB/s, in one run.
+
+    python bench.py                          # the full table (several minutes on 2 CPU cores), writes bench.json
+    python bench.py --quick                  # eager training only, fewer steps, shorter decode (about a minute)
+    python bench.py --nanogpt_dir=~/nanoGPT  # also run nanoGPT's train.py at the same configs on the same data
+
+Training runs train.py itself in a child process per configuration, so each peak RSS is that configuration's, and
+each figure is the median of the steady iterations (the first ones, which hold compilation, are left out) with the
+min and max beside it. Configurations are interleaved when --repeats > 1, so a burst of load elsewhere on a shared
+machine slows all of them alike; compare ratios only within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+from config import PRESETS, ModelConfig, UserError, parse_args, run_cli
+from model import GPT, flops_per_token
+from runtime import measure_matmul_peak
+
+ROOT = Path(__file__).resolve().parent
+OPTIONS = {
+    "quick": False,  # eager training only, fewer steps and tokens
+    "repeats": 0,  # 0: 3 for the matmul peak and decode, 1 for training (each run's steps are its repeats)
+    "steps": 0,  # training steps per run; 0: a default per preset
+    "nanogpt_dir": "",  # a nanoGPT checkout: run its train.py at the same configs, side by side
+    "out": "bench.json",
+    "decode_tokens": 0,  # 0: 512 (128 with --quick)
+    "rss_data_scale": 20,  # also train TINY on a token file this many times larger, to show RSS is flat in it; 0: skip
+}
+
+# The configurations issue 8 compares with nanoGPT (gradient accumulation 1, GPT-2 vocabulary, dropout 0).
+SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=12),
+          "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8)}
+# One learning-rate schedule for both programs, so their validation losses after the same steps can be compared.
+SCHEDULE = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=5, weight_decay=0.1, grad_clip=1.0)
+WARMUP_ITERATIONS = 2  # left out of the step time: the first holds compilation, both hold allocator warm-up
+
+ITER_LINE = re.compile(r"^iter (\d+): loss ([\d.naninf]+), time ([\d.]+) ?ms", re.M)
+OUR_VAL_LINE = re.compile(r"^eval step \d+: val loss ([\d.]+)", re.M)
+NANOGPT_VAL_LINE = re.compile(r"^step \d+: train loss [\d.]+, val loss ([\d.]+)", re.M)
+
+
+@dataclass
+class Spread:
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+    def show(self, scale: float = 1.0, digits: int = 1) -> str:
+        return f"{self.median * scale:.{digits}f} [{self.min * scale:.{digits}f}-{self.max * scale:.{digits}f}]"
+
+
+def run_measured(command: list[str], cwd: Path) -> tuple[int, str, float, float]:
+    """Run a child to completion; return its exit code, output, peak RSS in MB and wall seconds."""
+    started = time.perf_counter()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)  # rusage of this child alone: its own peak RSS
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, output, usage.ru_maxrss / 1024, time.perf_counter() - started
+
+
+def nanogpt_data_dir(requested: str, workdir: Path, scale: int = 1) -> Path:
+    """A folder in nanoGPT's layout (train.bin/val.bin of uint16 GPT-2 ids, nothing else) that both programs read."""
+    if requested and not ((Path(requested) / "train.bin").exists() and (Path(requested) / "val.bin").exists()):
+        raise UserError(f"--data_dir={requested} has no train.bin/val.bin; prepare one with python data.py")
+    if requested and scale == 1 and not (Path(requested) / "meta.json").exists():
+        return Path(requested)  # already nanoGPT's layout: used as is
+    source = Path(requested) if requested else next(
+        (ROOT / "data" / name for name in ("wikitext2", "shakespeare")
+         if (ROOT / "data" / name / "train.bin").exists()),
+        None)
+    if source is None:
+        raise UserError("no token files to train on; run make data first (or pass --data_dir=DIR)")
+    if (source / "meta.json").exists() and data.read_meta(source)["dtype"] != "uint16":
+        raise UserError(f"{source} holds {data.read_meta(source)['dtype']} ids; nanoGPT's layout needs uint16")
+    folder = workdir / f"data-x{scale}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = np.fromfile(source / "train.bin", dtype=np.uint16)
+    np.tile(tokens, scale).tofile(folder / "train.bin")
+    shutil.copyfile(source / "val.bin", folder / "val.bin")
+    return folder
+
+
+def our_command(preset: str, dtype: str, compile_mode: str, steps: int, data_dir: Path, out_dir: Path,
+                eval_iters: int) -> list[str]:
+    shape = SHAPES[preset]
+    args = [f"--{k}={v}" for k, v in {**shape, **SCHEDULE}.items()]
+    args += [f"--preset={preset}", "--dropout=0.0", "--gradient_accumulation_steps=1", f"--max_iters={steps}",
+             f"--lr_decay_iters={steps}", f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--log_interval=1",
+             f"--eval_interval={steps}", f"--eval_iters={eval_iters}", "--device=cpu", f"--dtype={dtype}"]
+    if compile_mode != "default":
+        args.append(f"--compile={compile_mode}")
+    return [sys.executable, str(ROOT / "train.py"), *args]
+
+
+def nanogpt_command(nanogpt_dir: Path, preset: str, compile_mode: bool, steps: int, data_dir: Path, out_dir: Path,
+                    eval_iters: int) -> list[str]:
+    """nanoGPT's train.py at the same shapes and schedule; float32 (its autocast is off on the CPU), bias like GPT-2."""
+    args = {**SHAPES[preset], **SCHEDULE, "max_iters": steps, "lr_decay_iters": steps, "eval_interval": steps,
+            "eval_iters": eval_iters, "log_interval": 1, "dataset": str(data_dir.resolve()), "out_dir": str(out_dir),
+            "device": "cpu", "dtype": "float32", "compile": compile_mode, "bias": True, "dropout": 0.0,
+            "gradient_accumulation_steps": 1, "wandb_log": False, "always_save_checkpoint": False}
+    return [sys.executable, str(nanogpt_dir / "train.py"), *[f"--{k}={v}" for k, v in args.items()]]
+
+
+def parse_training(output: str, is_nanogpt: bool, steps: int) -> dict:
+    """Step times (ms) of the steady iterations, and the validation loss after the last step."""
+    times = [float(t) for n, _, t in ITER_LINE.findall(output)]
+    if is_nanogpt:
+        times = times[:steps]  # nanoGPT runs max_iters + 1 iterations; its last one also holds the final eval
+    vals = (NANOGPT_VAL_LINE if is_nanogpt else OUR_VAL_LINE).findall(output)
+    return {"first_ms": times[0] if times else float("nan"), "steady_ms": times[WARMUP_ITERATIONS:],
+            "val_loss": float(vals[-1]) if vals else float("nan")}
+
+
+def bench_matmul(repeats: int) -> dict:
+    peaks = {"float32": [], "bfloat16": []}
+    for _ in range(repeats):
+        for name in peaks:
+            peaks[name].append(measure_matmul_peak(torch.device("cpu"), getattr(torch, name)))
+    return {name: Spread.of(values) for name, values in peaks.items()}
+
+
+def bench_decode(repeats: int, new_tokens: int) -> dict:
+    """KV-cached vs whole-context decoding, SMALL preset (block 512), float32, random weights, interleaved."""
+    from generate import decode_speed
+    model_config: ModelConfig = PRESETS["small"]().model
+    torch.manual_seed(0)
+    model = GPT(model_config).eval()
+    speeds = {True: [], False: []}
+    for _ in range(repeats):
+        for use_cache in (True, False):
+            speeds[use_cache].append(decode_speed(model, use_cache=use_cache, new_tokens=new_tokens))
+    return {"with_cache": Spread.of(speeds[True]), "without_cache": Spread.of(speeds[False]),
+            "new_tokens": new_tokens, "block_size": model_config.block_size}
+
+
+def bench_tokenization(data_dir: Path, megabytes: float) -> dict | None:
+    """GPT-2 tokenisation MB/s (data.bench_tokenization) on text decoded back from the training tokens."""
+    try:
+        tokenizer = data.GPT2Tokenizer()
+    except UserError as err:
+        print(f"tokenisation: skipped ({err})", file=sys.stderr)
+        return None
+    tokens = np.fromfile(data_dir / "train.bin", dtype=np.uint16)[:int(megabytes * 250_000)]  # ~4 bytes a token
+    return data.bench_tokenization(tokenizer.decode(tokens.tolist()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, preset="tiny")
+    options, quick = parsed.options, parsed.options["quick"]
+    repeats = options["repeats"] or 3
+    train_repeats = options["repeats"] or 1
+    nanogpt_dir = Path(options["nanogpt_dir"]).expanduser() if options["nanogpt_dir"] else None
+    if nanogpt_dir is not None and not (nanogpt_dir / "train.py").exists():
+        raise UserError(f"--nanogpt_dir={nanogpt_dir} has no train.py; point it at a nanoGPT checkout")
+    eval_iters = 5 if quick else 20
+    decode_tokens = options["decode_tokens"] or (128 if quick else 512)
+    report = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "python": platform.python_version()},
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp)
+        data_dir = nanogpt_data_dir(parsed.config.data.data_dir, workdir)
+        report["data_dir"] = str(parsed.config.data.data_dir or "a nanoGPT-layout copy of " + str(data_dir))
+
+        print("matmul peak ...", file=sys.stderr)
+        peaks = bench_matmul(repeats)
+        report["matmul_peak_gflops"] = {k: vars(Spread(v.median / 1e9, v.min / 1e9, v.max / 1e9))
+                                        for k, v in peaks.items()}
+
+        runs = []  # (label, preset, dtype, compile, is_nanogpt)
+        for preset in SHAPES:
+            for dtype in ("float32", "bfloat16"):
+                for compile_mode in (("False",) if quick else ("False", "True")):
+                    runs.append((preset, dtype, compile_mode, False))
+            if nanogpt_dir is not None:
+                for compile_mode in ((False,) if quick else (False, True)):
+                    runs.append((preset, "float32", compile_mode, True))
+        results: dict[tuple, dict] = {}
+        for repeat in range(train_repeats):
+            for preset, dtype, compile_mode, is_nanogpt in runs:
+                steps = options["steps"] or {"tiny": 8 if quick else 20, "small": 5 if quick else 10}[preset]
+                out_dir = workdir / f"run-{len(results)}-{repeat}"
+                if is_nanogpt:
+                    command = nanogpt_command(nanogpt_dir, preset, compile_mode, steps, data_dir, out_dir, eval_iters)
+                else:
+                    command = our_command(preset, dtype, compile_mode, steps, data_dir, out_dir, eval_iters)
+                who = "nanoGPT" if is_nanogpt else "ours"
+                print(f"train {who} {preset} {dtype} compile={compile_mode} ({steps} steps) ...", file=sys.stderr)
+                code, output, rss_mb, wall = run_measured(command, nanogpt_dir if is_nanogpt else ROOT)
+                if code != 0:
+                    print(output[-3000:], file=sys.stderr)
+                    raise UserError(f"{' '.join(command)} failed with exit code {code}")
+                shutil.rmtree(out_dir, ignore_errors=True)
+                parsed_run = parse_training(output, is_nanogpt, steps)
+                entry = results.setdefault((who, preset, dtype, str(compile_mode)),
+                                           {"steady_ms": [], "first_ms": [], "rss_mb": [], "val_loss": []})
+                entry["steady_ms"] += parsed_run["steady_ms"]
+                entry["first_ms"].append(parsed_run["first_ms"])
+                entry["rss_mb"].append(rss_mb)
+                entry["val_loss"].append(parsed_run["val_loss"])
+
+        training = []
+        for (who, preset, dtype, compile_mode), entry in results.items():
+            model_config = ModelConfig(**{k: v for k, v in SHAPES[preset].items() if k != "batch_size"})
+            tokens_per_step = SHAPES[preset]["batch_size"] * model_config.block_size
+            step = Spread.of(entry["steady_ms"])
+            peak = peaks[dtype].median
+            row = {"program": who, "preset": preset, "dtype": dtype, "compile": compile_mode,
+                   "step_ms": vars(step),
+                   "tokens_per_s": vars(Spread(tokens_per_step / step.median * 1e3, tokens_per_step / step.max * 1e3,
+                                               tokens_per_step / step.min * 1e3)),
+                   "mfu": flops_per_token(model_config) * tokens_per_step / (step.median / 1e3) / peak,
+                   "compile_s": max(0.0, (statistics.median(entry["first_ms"]) - step.median) / 1e3)
+                   if compile_mode == "True" else None,
+                   "peak_rss_mb": max(entry["rss_mb"]), "val_loss": statistics.median(entry["val_loss"]),
+                   "steady_steps": len(entry["steady_ms"])}
+            training.append(row)
+        report["training"] = training
+
+        if options["rss_data_scale"] and not quick:
+            scale = options["rss_data_scale"]
+            big = nanogpt_data_dir(str(data_dir), workdir, scale)
+            rss = {}
+            for label, folder in (("x1", data_dir), (f"x{scale}", big)):
+                print(f"train ours tiny on the {label} token file (peak RSS) ...", file=sys.stderr)
+                command = our_command("tiny", "bfloat16", "default", 5, folder, workdir / f"rss-{label}", 2)
+                code, output, rss_mb, _ = run_measured(command, ROOT)
+                if code != 0:
+                    raise UserError(f"{' '.join(command)} failed with exit code {code}:\n{output[-2000:]}")
+                rss[label] = {"train_tokens": int((folder / "train.bin").stat().st_size // 2), "peak_rss_mb": rss_mb}
+            report["rss_vs_data_size"] = rss
+
+        print("decode ...", file=sys.stderr)
+        decode = bench_decode(repeats if not quick else 1, decode_tokens)
+        report["decode_tokens_per_s"] = {k: vars(v) if isinstance(v, Spread) else v for k, v in decode.items()}
+
+        print("tokenisation ...", file=sys.stderr)
+        report["tokenization"] = bench_tokenization(data_dir, 0.5 if quick else 2.0)
+
+    Path(options["out"]).write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    print(f"wrote {options['out']}")
+
+
+def print_table(report: dict) -> None:
+    machine = report["machine"]
+    print(f"machine: {machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
+          f"({machine['torch_threads']} threads); median [min-max]")
+    for dtype, peak in report["matmul_peak_gflops"].items():
+        print(f"matmul peak {dtype:<9} {Spread(**peak).show()} GFLOP/s")
+    print(f"\n{'program':<8}{'preset':<7}{'dtype':<10}{'compile':<8}{'ms/step':>24}{'tokens/s':>24}{'MFU':>7}"
+          f"{'compile s':>10}{'peak RSS MB':>12}{'val loss':>9}")
+    for row in report["training"]:
+        compile_s = f"{row['compile_s']:.0f}" if row["compile_s"] is not None else "-"
+        print(f"{row['program']:<8}{row['preset']:<7}{row['dtype']:<10}{row['compile']:<8}"
+              f"{Spread(**row['step_ms']).show():>24}{Spread(**row['tokens_per_s']).show(digits=0):>24}"
+              f"{row['mfu']:>7.1%}{compile_s:>10}{row['peak_rss_mb']:>12.0f}{row['val_loss']:>9.3f}")
+    fastest = {}
+    for row in report["training"]:
+        key = (row["program"], row["preset"])
+        if key not in fastest or row["step_ms"]["median"] < fastest[key]["step_ms"]["median"]:
+            fastest[key] = row
+    for preset in SHAPES:
+        ours, theirs = fastest.get(("ours", preset)), fastest.get(("nanoGPT", preset))
+        defaults = [r for r in report["training"] if r["program"] == "ours" and r["preset"] == preset
+                    and r["dtype"] == "bfloat16" and r["compile"] == "False"]
+        if ours and theirs:
+            default = defaults[0] if defaults else ours
+            print(f"{preset}: time/step vs nanoGPT's fastest ({theirs['dtype']}, compile={theirs['compile']}): "
+                  f"ours fastest {ours['step_ms']['median'] / theirs['step_ms']['median']:.2f}x, "
+                  f"ours at defaults {default['step_ms']['median'] / theirs['step_ms']['median']:.2f}x; "
+                  f"peak RSS {default['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x")
+    if "rss_vs_data_size" in report:
+        print("peak RSS vs token file size: " + ", ".join(
+            f"{label} ({v['train_tokens']:,} tokens) {v['peak_rss_mb']:.0f} MB"
+            for label, v in report["rss_vs_data_size"].items()))
+    decode = report["decode_tokens_per_s"]
+    cached, uncached = Spread(**decode["with_cache"]), Spread(**decode["without_cache"])
+    print(f"decode SMALL (block {decode['block_size']}), {decode['new_tokens']} new tokens, float32: with KV cache "
+          f"{cached.show()} tokens/s, without {uncached.show()} tokens/s, {cached.median / uncached.median:.1f}x")
+    tokens = report.get("tokenization")
+    if tokens:
+        print(f"tokenisation ({tokens['megabytes']:.1f} MB): per-line loop {tokens['per_line_loop_mb_s']:.1f} MB/s, "
+              f"1 thread {tokens['single_thread_mb_s']:.1f} MB/s, {tokens['cores']} threads "
+              f"{tokens['all_cores_mb_s']:.1f} MB/s")
+
+
+if __name__ == "__main__":
+    run_cli(main)

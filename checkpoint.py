@@ -1,0 +1,292 @@
+"""Checkpoints: atomic, verified saves; safe loads; retention; finding the run a user means. Shared by the entry points.
+
+A checkpoint is a plain dict of tensors, numbers and strings written with torch.save and read back with
+`torch.load(weights_only=True)`, so loading one never runs code. Beside each file FILE.pt a manifest FILE.json
+holds its sha256; a checkpoint counts only once its manifest exists and matches, so a save killed at any point
+leaves no file that is trusted. A run folder checkpoints/<run>/ holds ckpt-<step>.pt files, last.pt and best.pt
+(links to the newest and to the lowest validation loss), manifest.json, metrics.jsonl and loss.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+from config import Config, UserError
+from model import GPT
+
+CHECKPOINTS_ROOT = Path("checkpoints")
+FORMAT = "gpt-checkpoint-1"
+STEP_FILE = re.compile(r"ckpt-(\d+)\.pt")
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose bytes do not match its manifest, or whose save never finished."""
+
+
+class _HashingWriter:
+    """A file wrapper that feeds every byte written through sha256, so hashing costs no second read."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temp file in the same folder, fsync, rename: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not save {path}: {err.strerror or err}; the previous checkpoint is untouched "
+                        "(free some disk space, then continue with --resume)") from None
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def manifest_path(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_checkpoint(path: Path, payload: dict, info: dict | None = None) -> Path:
+    """Write payload to `path`, then its manifest (sha256, size, `info`): last, so that it vouches for a whole file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = {}
+
+    def write(f):
+        writer["w"] = _HashingWriter(f)
+        torch.save({"format": FORMAT, **payload}, writer["w"])
+
+    _write_atomic(path, write)
+    manifest = {"file": path.name, "sha256": writer["w"].sha256.hexdigest(), "bytes": writer["w"].size,
+                "format": FORMAT, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}
+    _write_atomic(manifest_path(path), lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode()))
+    return path
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The manifest of a complete, intact checkpoint; CorruptCheckpoint naming the file and the problem otherwise."""
+    real = Path(path).resolve()
+    if not real.is_file():
+        raise UserError(f"checkpoint {path} does not exist; run `make train` first or pass --ckpt=PATH to a .pt file")
+    try:
+        manifest = json.loads(manifest_path(real).read_text())
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{path} has no manifest {manifest_path(real).name}: its save never finished, or it "
+                                "was not written by this project's train.py") from None
+    except (OSError, ValueError) as err:
+        raise CorruptCheckpoint(f"the manifest of {path} is unreadable ({err}); the checkpoint cannot be verified") \
+            from None
+    if not isinstance(manifest, dict) or "sha256" not in manifest:
+        raise CorruptCheckpoint(f"the manifest of {path} has no sha256; it was not written by this project")
+    sha256, size = hashlib.sha256(), 0
+    with open(real, "rb") as f:
+        while block := f.read(1 << 20):
+            sha256.update(block)
+            size += len(block)
+    if size != manifest.get("bytes", size) or sha256.hexdigest() != manifest["sha256"]:
+        raise CorruptCheckpoint(f"{path} is corrupt: {size} bytes with sha256 {sha256.hexdigest()[:12]}..., its "
+                                f"manifest says {manifest.get('bytes')} bytes, {manifest['sha256'][:12]}... "
+                                "(truncated or damaged; resume from an earlier checkpoint)")
+    return manifest
+
+
+def load_checkpoint(path: Path, verify: bool = True) -> dict:
+    """Verify, then load onto the CPU as data only; anything that is not one of ours is a UserError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = checkpoint_in_run(path)
+    if verify:
+        verify_checkpoint(path)
+    elif not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; run `make train` first or pass --ckpt=PATH to a .pt file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({first_line[:200]}); it may be truncated or "
+                        "not a file written by train.py") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint written by this project's train.py (no '{FORMAT}' marker)")
+    return payload
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's ckpt-<step>.pt files, newest step first."""
+    found = [p for p in Path(run_dir).glob("ckpt-*.pt") if STEP_FILE.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(STEP_FILE.fullmatch(p.name).group(1)), reverse=True)
+
+
+def newest_valid_checkpoint(run_dir: Path, say=print) -> Path:
+    """The newest checkpoint of a run that verifies, saying which newer ones were skipped and why."""
+    candidates = step_checkpoints(run_dir)
+    for name in ("last.pt", "best.pt"):  # runs saved without step files (or by hand)
+        path = Path(run_dir) / name
+        if path.is_file() and path.resolve() not in [c.resolve() for c in candidates]:
+            candidates.append(path)
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            return path
+        except CorruptCheckpoint as err:
+            say(f"skipping {path.name}: {err}")
+    raise UserError(f"{run_dir} holds no checkpoint that verifies; start a new run (without --resume)")
+
+
+def save_run_checkpoint(run_dir: Path, payload: dict, step: int, val_loss: float | None, is_best: bool,
+                        keep_last: int) -> Path:
+    """Save ckpt-<step>.pt, point last.pt (and best.pt when it is the best) at it, and prune old step files.
+
+    Step files are never overwritten, so the previous checkpoint stays whole whatever happens to this save.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / f"ckpt-{step:07d}.pt"
+    if not _is_valid(path):  # the same step saved twice (an eval, then a stop signal): the first save stands
+        save_checkpoint(path, payload, {"step": step, "val_loss": val_loss})
+    _point(run_dir / "last.pt", path)
+    if is_best:
+        _point(run_dir / "best.pt", path)
+    prune(run_dir, keep_last)
+    return path
+
+
+def _is_valid(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+        return True
+    except UserError:
+        return False
+
+
+def _point(link: Path, target: Path) -> None:
+    """Atomically make `link` a relative symlink to `target` (a reader sees the old target or the new one)."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Keep the keep_last newest step checkpoints plus the one best.pt points to; remove stale temp files."""
+    run_dir = Path(run_dir)
+    keep = {p.resolve() for p in step_checkpoints(run_dir)[:keep_last]}
+    for name in ("best.pt", "last.pt"):
+        if (run_dir / name).exists():
+            keep.add((run_dir / name).resolve())
+    for path in step_checkpoints(run_dir):
+        if path.resolve() not in keep:
+            manifest_path(path).unlink(missing_ok=True)  # manifest first: a half-removed pair reads as incomplete
+            path.unlink(missing_ok=True)
+    clean_stale_temp_files(run_dir)
+
+
+def clean_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Temp files left by a save that was killed: never trusted, removed on the next start."""
+    stale = list(Path(run_dir).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def checkpoint_in_run(run_dir: Path, prefer: str = "best") -> Path:
+    """The best checkpoint of a run (or the last one when no eval has produced a best yet)."""
+    order = ("best.pt", "last.pt") if prefer == "best" else ("last.pt", "best.pt")
+    for name in order:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    steps = step_checkpoints(run_dir)
+    if steps:
+        return steps[0]
+    raise UserError(f"run folder {run_dir} holds no checkpoint yet; run `make train` first")
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in ("last.pt", "best.pt")) or bool(step_checkpoints(folder))
+
+
+def latest_run(root: Path = CHECKPOINTS_ROOT) -> Path:
+    """The run folder under `root` whose checkpoint was written most recently."""
+    runs = [d for d in Path(root).glob("*") if d.is_dir() and _has_checkpoint(d)]
+    if not runs:
+        raise UserError(f"no checkpoint found under {root}/; run `make train` first")
+    return max(runs, key=lambda d: max(p.stat().st_mtime for p in d.glob("*.pt") if p.is_file()))
+
+
+def resolve_checkpoint(ckpt: str = "", run: str = "", root: Path = CHECKPOINTS_ROOT, prefer: str = "best") -> Path:
+    """--ckpt=PATH (a file or a run folder), else --run=NAME under root, else the most recent run."""
+    if ckpt:
+        path = Path(ckpt)
+        if not path.exists():
+            raise UserError(f"--ckpt={ckpt} does not exist; give a .pt file or a run folder under {root}/")
+        return checkpoint_in_run(path, prefer) if path.is_dir() else path
+    if run:
+        run_dir = Path(root) / run
+        if not run_dir.is_dir():
+            known = sorted(d.name for d in Path(root).glob("*") if d.is_dir())
+            raise UserError(f"--run={run}: no folder {run_dir}; runs here: {', '.join(known) or 'none'}")
+        return checkpoint_in_run(run_dir, prefer)
+    return checkpoint_in_run(latest_run(root), prefer)
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """Drop `_orig_mod.` (torch.compile) and `module.` (DDP) so a checkpoint loads the same whatever wrote it."""
+    clean = {}
+    for key, value in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        clean[key] = value
+    return clean
+
+
+def model_from_checkpoint(payload: dict) -> tuple[GPT, Config]:
+    """Rebuild the model a checkpoint was trained with and load its weights; a mismatch is a UserError."""
+    config = Config.from_dict(payload["config"])
+    model = GPT(config.model)
+    state = strip_wrapper_prefixes(payload["model"])
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong_shape:
+        detail = (missing and f"missing {missing[:3]}") or (unexpected and f"unexpected {unexpected[:3]}") or \
+            f"shape of {wrong_shape[0]} is {tuple(state[wrong_shape[0]].shape)}, expected " \
+            f"{tuple(expected[wrong_shape[0]].shape)}"
+        raise UserError(f"checkpoint weights do not match its config ({detail}); the file was written by another "
+                        "architecture or is damaged")
+    model.load_state_dict(state)
+    return model, config

@@ -1,0 +1,342 @@
+"""Configuration: one dataclass per concern, named presets, and nanoGPT-style `--key=value` overrides.
+
+    python train.py --preset=tiny --n_layer=8 --learning_rate=1e-3
+
+How to scale a model: pick the preset closest to what you want and override a few fields on the command line
+(`--n_layer=8 --n_embd=512`), or add your own entry to PRESETS below by copying one and editing its numbers.
+Rules of thumb: n_embd must be divisible by n_head (64 per head is the GPT-2 choice); parameters grow with
+n_layer * n_embd**2; memory and time per step grow with batch_size * block_size; halve learning_rate when you
+double n_embd. `make info PRESET=... ARGS="..."` prints the parameter count, FLOPs per token and memory estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad config, missing file, bad prompt): printed as one line, exit code 2."""
+
+
+class ConfigError(UserError):
+    """A config value is invalid; the message names the field, the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257  # GPT-2's BPE; replaced by the tokenizer's size when the data says otherwise
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 512  # context length in tokens
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            _require_positive(name, getattr(self, name))
+        if self.n_embd % self.n_head:
+            divisors = [d for d in range(1, self.n_embd + 1) if self.n_embd % d == 0 and d <= 64]
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                              f"pick n_head from {divisors} or change n_embd")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} is outside [0, 1); use e.g. --dropout=0.1")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAMPLING = ("random", "epoch")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # sequences per micro-batch (per process under DDP)
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 10000  # optimizer steps
+    learning_rate: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_iters: int = 200
+    lr_decay_iters: int = 0  # 0 means max_iters: cosine decay over the whole run
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 500
+    eval_iters: int = 100
+    log_interval: int = 10
+    sampling: str = "random"  # random windows, or "epoch": every window once per epoch, reshuffled
+    patience: int = 0  # stop after this many evals without a better val loss; 0 never stops early
+    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    dtype: str = "auto"  # auto: bfloat16 where the device supports it, else float16 on CUDA, else float32
+    compile: bool | None = None  # None: use torch.compile where it pays off (see train.py)
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    seed: int = 1337
+    out_dir: str = ""  # empty: checkpoints/<run_name>
+    run_name: str = ""  # empty: <preset>-<dataset>-<timestamp>
+    resume: bool = False
+    keep_last: int = 2  # step checkpoints kept besides the best one
+    init_from: str = "scratch"
+    tensorboard: bool = False
+    global_batch_size: int = 0  # sequences per optimizer step, all processes; 0: batch_size x accumulation x processes
+    ddp_timeout_s: float = 300.0  # under torchrun: how long a collective waits for a dead or stuck rank before failing
+
+    def validate(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
+                     "log_interval", "max_bad_steps", "keep_last"):
+            _require_positive(name, getattr(self, name))
+        for name in ("warmup_iters", "lr_decay_iters", "patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} is negative; use 0 or more")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate={self.learning_rate} must be positive, e.g. --learning_rate=3e-4")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ConfigError(f"min_lr={self.min_lr} must be between 0 and learning_rate={self.learning_rate}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} and grad_clip={self.grad_clip} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1), e.g. --{name}=0.9")
+        if self.global_batch_size < 0 or self.global_batch_size % self.batch_size:
+            raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of batch_size="
+                              f"{self.batch_size}; use e.g. --global_batch_size={self.batch_size * 4}, or 0 for "
+                              "batch_size x gradient_accumulation_steps x processes")
+        if self.ddp_timeout_s <= 0:
+            raise ConfigError(f"ddp_timeout_s={self.ddp_timeout_s} must be positive, e.g. --ddp_timeout_s=300")
+        _require_choice("dtype", self.dtype, DTYPES)
+        _require_choice("sampling", self.sampling, SAMPLING)
+        device_type = self.device.split(":")[0]
+        if device_type not in ("auto", "cpu", "cuda", "mps"):
+            raise ConfigError(f"device={self.device!r} is not known; use auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "wikitext2"  # wikitext2, shakespeare, a .txt/.jsonl/.parquet path or folder, or hf:owner/name:config
+    tokenizer: str = "gpt2"  # gpt2 (tiktoken BPE) or char
+    data_dir: str = ""  # empty: data/<dataset>; a folder with train.bin/val.bin (nanoGPT layout) is used as is
+    text_column: str = "text"
+    val_fraction: float = 0.1  # share held out for validation when the source has no validation split
+    encoding_errors: str = "strict"  # strict: a file that is not UTF-8 is an error; replace: decode with U+FFFD
+
+    def validate(self) -> None:
+        _require_choice("tokenizer", self.tokenizer, ("gpt2", "char"))
+        _require_choice("encoding_errors", self.encoding_errors, ("strict", "replace"))
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 1), e.g. --val_fraction=0.1")
+        if not self.dataset:
+            raise ConfigError("dataset is empty; use --dataset=wikitext2, shakespeare or a path to your text")
+
+
+@dataclass
+class Config:
+    preset: str = "small"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> Config:
+        _require_choice("preset", self.preset, tuple(PRESETS))
+        self.model.validate()
+        self.train.validate()
+        self.data.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        """Rebuild from to_dict()'s output, e.g. a checkpoint's; unknown keys from newer versions are dropped."""
+        def build(kind, values):
+            names = {f.name for f in dataclasses.fields(kind)}
+            return kind(**{k: v for k, v in values.items() if k in names})
+        return cls(preset=d.get("preset", "small"), model=build(ModelConfig, d.get("model", {})),
+                   train=build(TrainConfig, d.get("train", {})), data=build(DataConfig, d.get("data", {})))
+
+    def describe(self) -> str:
+        """The effective config as a few readable lines, printed at the start of a run."""
+        lines = [f"preset: {self.preset}"]
+        for section in ("model", "train", "data"):
+            values = dataclasses.asdict(getattr(self, section))
+            lines.append(f"{section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        return "\n".join(lines)
+
+
+def _preset(model: dict, train: dict, data: dict | None = None) -> Config:
+    return Config(model=ModelConfig(**model), train=TrainConfig(**train), data=DataConfig(**(data or {})))
+
+
+# Each preset is a complete config. `tiny` is sized for 2 CPU cores (`make train` in about ten minutes);
+# `small` holds the numbers users of nanoGPT-style repos know (~30M parameters); the gpt2* presets are
+# OpenAI's GPT-2 sizes, for GPUs.
+PRESETS: dict[str, Callable[[], Config]] = {
+    "tiny": lambda: _preset(
+        dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0),
+        dict(batch_size=12, max_iters=1200, learning_rate=2e-3, min_lr=2e-4, warmup_iters=100,
+             eval_interval=200, eval_iters=20, log_interval=10, weight_decay=0.1)),
+    "small": lambda: _preset(
+        dict(n_layer=6, n_head=6, n_embd=384, block_size=512, dropout=0.1),
+        dict(batch_size=16, max_iters=10000, learning_rate=3e-4, min_lr=3e-5, warmup_iters=200,
+             eval_interval=500, eval_iters=100)),
+    "gpt2": lambda: _preset(
+        dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0),
+        dict(batch_size=16, gradient_accumulation_steps=4, max_iters=5000, learning_rate=6e-4, min_lr=6e-5,
+             warmup_iters=200, eval_interval=250, eval_iters=50)),
+    # Fine-tuning OpenAI's GPT-2 (`make finetune`, --init_from=gpt2): sizes come from the weights; a learning rate
+    # 20x lower than pretraining's so the first steps do not wash out what the model knows.
+    "gpt2-finetune": lambda: _preset(
+        dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.1),
+        dict(batch_size=8, gradient_accumulation_steps=4, max_iters=300, learning_rate=3e-5, min_lr=3e-6,
+             warmup_iters=20, eval_interval=50, eval_iters=20, init_from="gpt2")),
+    "gpt2-medium": lambda: _preset(
+        dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, dropout=0.0),
+        dict(batch_size=8, gradient_accumulation_steps=8, max_iters=5000, learning_rate=3e-4, min_lr=3e-5,
+             warmup_iters=200, eval_interval=250, eval_iters=50)),
+    "gpt2-large": lambda: _preset(
+        dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, dropout=0.0),
+        dict(batch_size=4, gradient_accumulation_steps=16, max_iters=5000, learning_rate=2.5e-4, min_lr=2.5e-5,
+             warmup_iters=200, eval_interval=250, eval_iters=50)),
+}
+
+
+def default_preset() -> str:
+    """`small` where a GPU is present, `tiny` on a CPU (the 30M model takes hours per epoch on 2 cores)."""
+    import torch
+    return "small" if torch.cuda.is_available() or torch.backends.mps.is_available() else "tiny"
+
+
+def _require_positive(name: str, value) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}={value} must be a positive number; use 1 or more")
+
+
+def _require_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}{hint}")
+
+
+def _sections(config: Config) -> dict[str, object]:
+    """Map each field name to the dataclass that holds it; names are unique across sections."""
+    owners = {}
+    for section in (config.model, config.train, config.data):
+        for f in dataclasses.fields(section):
+            owners[f.name] = section
+    return owners
+
+
+def _parse_value(key: str, raw: str, annotation):
+    """Convert the command-line string to the field's declared type, or raise a ConfigError saying what was wanted."""
+    hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if type(None) in hints and raw.lower() in ("none", "auto", ""):
+        return None
+    base = next(h for h in hints if h is not type(None))
+    if base is bool:
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"--{key}={raw} is not a boolean; use --{key}=True or --{key}=False")
+    if base is int:
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            try:
+                as_float = float(raw)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)  # allow 1e4 for an integer field
+            raise ConfigError(f"--{key}={raw} is not an integer; use e.g. --{key}=8") from None
+    if base is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--{key}={raw} is not a number; use e.g. --{key}=3e-4") from None
+    return raw
+
+
+def field_names() -> list[str]:
+    return list(_sections(Config())) + ["preset"]
+
+
+class ParsedArgs(typing.NamedTuple):
+    config: Config
+    options: dict[str, object]  # the entry point's own options (not config fields), defaults filled in
+    overridden: frozenset[str]  # config fields the user set explicitly, as opposed to the preset's values
+
+
+def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: str | None = None) -> ParsedArgs:
+    """Build a validated Config from `--preset=NAME --key=value ...`.
+
+    `extra` declares entry-point options that are not config fields (e.g. generate.py's --prompt), with their
+    defaults. `preset` replaces the device-dependent default preset (e.g. a test pinning `tiny`).
+    """
+    extra = dict(extra or {})
+    pairs: list[tuple[str, str]] = []
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            value = "True"  # a bare flag, e.g. --resume
+        pairs.append((key, value))
+
+    preset_name = preset
+    for key, value in pairs:
+        if key == "preset":
+            preset_name = value
+    if preset_name is None:
+        preset_name = default_preset()
+    if preset_name not in PRESETS:
+        _require_choice("preset", preset_name, tuple(PRESETS))
+    config = PRESETS[preset_name]()
+    config.preset = preset_name
+
+    owners = _sections(config)
+    options = dict(extra)
+    overridden = set()
+    for key, value in pairs:
+        if key == "preset":
+            continue
+        if key in owners:
+            section = owners[key]
+            annotation = typing.get_type_hints(type(section))[key]
+            setattr(section, key, _parse_value(key, value, annotation))
+            overridden.add(key)
+        elif key in extra:
+            default = extra[key]
+            annotation = type(default) if default is not None else str
+            if isinstance(default, bool):
+                annotation = bool
+            options[key] = _parse_value(key, value, annotation)
+        else:
+            known = list(owners) + list(extra) + ["preset"]
+            close = ", ".join("--" + c for c in difflib.get_close_matches(key, known, n=3, cutoff=0.6))
+            hint = f"; did you mean {close}?" if close else "; config.py lists the fields"
+            raise ConfigError(f"unknown option --{key}{hint}")
+    if "learning_rate" in overridden and "min_lr" not in overridden:
+        ratio = PRESETS[preset_name]().train
+        config.train.min_lr = config.train.learning_rate * ratio.min_lr / ratio.learning_rate  # keep the preset's decay
+    config.validate()
+    return ParsedArgs(config, options, frozenset(overridden))
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run an entry point: a UserError becomes one line on stderr and exit code 2; anything else is a bug."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

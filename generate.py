@@ -1,0 +1,443 @@
+"""Sample text from a trained checkpoint with a KV cache: each new token costs one position's work.
+
+    python generate.py --prompt="Once upon a time" --max_new_tokens=100 --device=cpu   (or: make generate PROMPT=...)
+    python generate.py --bench     (decode tokens/s with and without the cache, small preset, random weights)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import data
+from config import PRESETS, UserError, parse_args, run_cli
+from model import GPT, KVCache
+from runtime import pick_device, pick_dtype
+
+# Config fields generate.py reads; the model's own config comes from the checkpoint (or the pretrained weights).
+CONFIG_FIELDS_USED = {"device", "dtype", "seed", "init_from"}
+
+OPTIONS = {
+    "prompt": None,  # None: read the prompt from stdin when stdin is not a terminal
+    "prompt_file": "",  # a text file holding the prompt; "-" reads stdin
+    "max_new_tokens": 200,
+    "temperature": 0.8,  # 0 means greedy: always the most likely token
+    "top_k": 200,  # keep the k most likely tokens; k >= vocabulary size keeps them all
+    "top_p": 1.0,  # nucleus sampling: keep the smallest set of tokens whose probability reaches p
+    "repetition_penalty": 1.0,  # > 1 makes tokens already in the context less likely (CTRL, Keskar et al. 2019)
+    "num_samples": 1,  # samples decoded together as one batch
+    "stop_at_eot": True,  # stop a sample at <|endoftext|> (tokenizers that have one)
+    "stream": "auto",  # print tokens as they are produced; auto: when stdout is a terminal
+    "interactive": False,  # read prompts from stdin in a loop
+    "ckpt": "",  # a checkpoint file or run folder; default: the best checkpoint of the most recent run
+    "run": "",  # a run name under checkpoints/
+    "bench": False,  # print decode tokens/s with and without the cache for the small preset, then exit
+}
+
+STOP_CHECK_INTERVAL = 8  # without streaming, look for <|endoftext|> every few tokens: each look is a host sync
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen from the logits; checked by validate() before any model is loaded."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> Sampling:
+        if not self.temperature >= 0:
+            raise UserError(f"temperature={self.temperature} is negative; use 0 for greedy or e.g. --temperature=0.8")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k={self.top_k} must be 1 or more; a value >= the vocabulary size keeps every token")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p={self.top_p} is outside (0, 1]; use e.g. --top_p=0.9, or 1 to turn it off")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"repetition_penalty={self.repetition_penalty} must be positive; 1 turns it off, "
+                            "e.g. --repetition_penalty=1.2")
+        return self
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on every token in previous_ids (B, T): positive logits divided by it, negative multiplied."""
+    seen = logits.gather(1, previous_ids)  # (B, T)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, previous_ids, seen)
+
+
+def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                     top_p: float = 1.0) -> torch.Tensor:
+    """Logits (B, V) -> probabilities (B, V) after temperature (> 0), top-k and then top-p, renormalised."""
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the more likely tokens
+        # a token is dropped when the tokens before it already reach p: what remains is the smallest such set
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)  # back to vocabulary order
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+                      repetition_penalty: float = 1.0, previous_ids: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logits of the last position (B, V) -> next token ids (B,). Pure: randomness only from `generator`."""
+    logits = logits.float()  # sampling in bf16 would round small probabilities to zero
+    if repetition_penalty != 1.0 and previous_ids is not None:
+        logits = apply_repetition_penalty(logits, previous_ids, repetition_penalty)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    return sample_from(probs, generator)
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of probs (B, V) by inverting the cumulative distribution: ids (B,).
+
+    torch.multinomial draws an exponential variate per vocabulary entry: 2.2 ms for GPT-2's 50257 on one core
+    here, against 0.04 ms for a cumsum and a binary search, a sizeable share of a cached decode step.
+    """
+    cumulative = probs.cumsum(dim=-1)  # (B, V)
+    total = cumulative[:, -1:]  # (B, 1): 1 up to rounding
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total, so never past the last token
+    # right=True: the first id whose cumulative mass exceeds u, which is never a zero-probability (filtered) token
+    return torch.searchsorted(cumulative, u, right=True).squeeze(1)
+
+
+class Decoder:
+    """The context window of a batch of sequences and, with use_cache, its KV cache; returns next-token logits.
+
+    Sliding window: when a new token would make the context longer than block_size, the context becomes its last
+    block_size // 2 tokens and the cache is recomputed for them. Every predicted token thus sees at least half a
+    block of context, and the recompute (one batched forward) happens once per block_size // 2 tokens.
+    Without the cache the same window is re-run whole at every step, so both give the same logits.
+    Call under torch.inference_mode().
+    """
+
+    def __init__(self, model: GPT, batch_size: int, use_cache: bool = True):
+        if model.training:
+            raise ValueError("call model.eval() first: dropout would make the samples random beyond the seed")
+        self.model = model
+        self.block_size = model.config.block_size
+        self.keep_on_slide = max(1, self.block_size // 2)
+        weight = model.lm_head.weight
+        self.cache = KVCache(model.config, batch_size, self.block_size, weight.device, weight.dtype) \
+            if use_cache else None
+        self.context = torch.empty(batch_size, 0, dtype=torch.long, device=weight.device)  # (B, T) token ids
+        self.slides = 0  # how many times the window has slid
+
+    def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Start from a prompt (B, T <= block_size); returns the logits for the token after it (B, V)."""
+        self.context = prompt_ids
+        return self._run_whole_context()
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Append one token per sequence (B,); returns the logits for the token after it (B, V)."""
+        self.context = torch.cat([self.context, next_ids[:, None]], dim=1)  # (B, T + 1)
+        if self.context.size(1) > self.block_size:
+            self.context = self.context[:, -self.keep_on_slide:]
+            self.slides += 1
+            return self._run_whole_context()
+        if self.cache is None:
+            return self._run_whole_context()
+        return self.model(next_ids[:, None], kv_cache=self.cache, last_only=True)[:, -1]  # one position's work
+
+    def _run_whole_context(self) -> torch.Tensor:
+        if self.cache is not None:
+            self.cache.reset()
+        return self.model(self.context, kv_cache=self.cache, last_only=True)[:, -1]
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, N) new token ids on the CPU; a row that stopped early holds its stop token
+    prompt_tokens: int  # prompt tokens processed (all rows)
+    prompt_seconds: float
+    decoded_tokens: int  # new tokens produced (all rows)
+    decode_seconds: float
+
+
+@torch.inference_mode()
+def generate(model: GPT, prompt_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling,
+             generator: torch.Generator | None = None, use_cache: bool = True, stop_token: int | None = None,
+             vocab_size: int | None = None, on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+    """Continue each row of prompt_ids (B, T <= block_size) by up to max_new_tokens tokens.
+
+    Stops early once every row has produced stop_token. `vocab_size` limits sampling to the tokenizer's ids when
+    the model's embedding is padded beyond them; `on_tokens` receives each step's new ids (one per row) as they
+    are produced, for streaming.
+    """
+    sync = _synchronizer(prompt_ids.device)
+    decoder = Decoder(model, prompt_ids.size(0), use_cache)
+    started = time.perf_counter()
+    logits = decoder.prefill(prompt_ids)
+    sync()
+    prefilled = time.perf_counter()
+    finished = torch.zeros(prompt_ids.size(0), dtype=torch.bool, device=prompt_ids.device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        next_ids = sample_next_token(logits[:, :vocab_size], sampling.temperature, sampling.top_k, sampling.top_p,
+                                     sampling.repetition_penalty, decoder.context, generator)
+        new_tokens.append(next_ids)
+        if on_tokens is not None:
+            on_tokens(next_ids.tolist())
+        if stop_token is not None:
+            finished |= next_ids == stop_token
+            if (on_tokens is not None or step % STOP_CHECK_INTERVAL == STOP_CHECK_INTERVAL - 1) and finished.all():
+                break
+        if step + 1 < max_new_tokens:
+            logits = decoder.step(next_ids)
+    tokens = torch.stack(new_tokens, dim=1).cpu() if new_tokens else torch.empty(prompt_ids.size(0), 0)
+    sync()
+    done = time.perf_counter()
+    return Generation(tokens.long(), prompt_ids.numel(), prefilled - started, tokens.numel(), done - prefilled)
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """Timings need the GPU's queued work finished; on the CPU every op is already done when it returns."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def decode_speed(model: GPT, use_cache: bool, new_tokens: int, batch_size: int = 1, prompt_tokens: int = 16,
+                 seed: int = 1337) -> float:
+    """Decode tokens/s (all rows, prompt excluded) sampling at temperature 1 from a random prompt.
+
+    The prompt and the sampling settings depend only on the arguments, so a run with and one without the cache
+    do the same work but for the cache. A short warm-up run first keeps one-time costs out of the number.
+    """
+    device = model.lm_head.weight.device
+    prompt_generator = torch.Generator(device="cpu").manual_seed(seed)
+    prompt = torch.randint(model.config.vocab_size, (batch_size, prompt_tokens), generator=prompt_generator)
+    prompt = prompt.to(device)
+    sampling = Sampling(temperature=1.0)
+    generate(model, prompt, min(new_tokens, 8), sampling, torch.Generator(device).manual_seed(seed), use_cache)
+    result = generate(model, prompt, new_tokens, sampling, torch.Generator(device).manual_seed(seed), use_cache)
+    return result.decoded_tokens / result.decode_seconds
+
+
+def load_model_and_tokenizer(options: dict) -> tuple[GPT, data.Tokenizer, str]:
+    """The model, its tokenizer and its training dtype ("auto", "float32", ...), on the CPU in float32.
+
+    The one place that decides where a model comes from: OpenAI's GPT-2 or a Hugging Face folder (--init_from),
+    else a checkpoint (--ckpt, --run, or the latest run).
+    """
+    if options.get("init_from", "scratch") != "scratch":
+        import hf  # safetensors and the Hub client only when asked for
+        model, _ = hf.load_pretrained(options["init_from"])
+        tokenizer = data.get_tokenizer(hf.pretrained_tokenizer(options["init_from"]))
+        return model.eval(), tokenizer, "auto"
+    path = checkpoint.resolve_checkpoint(ckpt=options["ckpt"], run=options["run"])
+    payload = checkpoint.load_checkpoint(path)
+    for key in ("config", "model", "tokenizer"):
+        if key not in payload:
+            raise UserError(f"{path} has no '{key}' entry; it was not written by train.py or is damaged")
+    model, config = checkpoint.model_from_checkpoint(payload)
+    tokenizer = data.get_tokenizer(payload["tokenizer"])
+    return model.eval(), tokenizer, config.train.dtype
+
+
+def choose_device_and_dtype(device: str, dtype: str, dtype_given: bool,
+                            trained_dtype: str = "float32") -> tuple[torch.device, torch.dtype, str]:
+    """--dtype when given, else the checkpoint's training dtype where this device runs it fast; and why."""
+    chosen_device = pick_device(device)
+    if dtype_given:
+        if dtype == "float16" and chosen_device.type == "cpu":
+            raise UserError("dtype=float16 has no fast CPU kernels; use --dtype=float32 or bfloat16 on the CPU")
+        return chosen_device, *pick_dtype(dtype, chosen_device)
+    if chosen_device.type == "cpu":
+        # One token at a time, the CPU's bf16 matmul paths are slower than float32 (17.8 vs 14.0 ms per token,
+        # small preset, one core with AMX), although bf16 trains faster there.
+        return chosen_device, torch.float32, "one token at a time, float32 decodes fastest on a CPU"
+    chosen_dtype, reason = pick_dtype(trained_dtype, chosen_device)
+    return chosen_device, chosen_dtype, f"{reason} (the checkpoint's training dtype is {trained_dtype})"
+
+
+def read_prompt(options: dict) -> str:
+    """--prompt_file, else --prompt, else stdin when it is not a terminal, else the empty prompt."""
+    if options["prompt_file"]:
+        if options["prompt_file"] == "-":
+            return sys.stdin.read()
+        path = Path(options["prompt_file"])
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"--prompt_file={path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--prompt_file={path} could not be read as UTF-8 text ({err})") from None
+    if options["prompt"] is not None:
+        return options["prompt"]
+    return "" if sys.stdin.isatty() else sys.stdin.read()
+
+
+def encode_prompt(text: str, tokenizer: data.Tokenizer, block_size: int) -> list[int]:
+    """Prompt text -> ids; an empty prompt starts from <|endoftext|>, as GPT-2 does; a long one keeps its end."""
+    ids = tokenizer.encode(text)
+    if not ids:
+        if tokenizer.eot_token is None:
+            raise UserError(f"the prompt is empty and the {tokenizer.name} tokenizer has no start token; "
+                            "give one with --prompt=... (make generate PROMPT=...)")
+        ids = [tokenizer.eot_token]
+    if len(ids) > block_size:
+        print(f"note: the prompt has {len(ids)} tokens; keeping its last {block_size} (block_size)", file=sys.stderr)
+        ids = ids[-block_size:]
+    return ids
+
+
+class TextStream:
+    """Prints tokens as they arrive, holding back bytes that do not yet decode to whole characters."""
+
+    def __init__(self, tokenizer: data.Tokenizer, stop_token: int | None):
+        self.tokenizer, self.stop_token = tokenizer, stop_token
+        self.pending: list[int] = []
+        self.stopped = False
+
+    def __call__(self, ids: list[int]) -> None:
+        if self.stopped:
+            return
+        if ids[0] == self.stop_token:
+            self.stopped = True
+            return
+        self.pending.append(ids[0])
+        text = self.tokenizer.decode(self.pending)
+        if not text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.pending = []
+
+    def flush(self) -> None:
+        if self.pending:
+            sys.stdout.write(self.tokenizer.decode(self.pending))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def until_stop(ids: list[int], stop_token: int | None) -> list[int]:
+    return ids[:ids.index(stop_token)] if stop_token is not None and stop_token in ids else ids
+
+
+def complete(prompt_text: str, model: GPT, tokenizer: data.Tokenizer, sampling: Sampling, options: dict,
+             generator: torch.Generator, stream: bool, echo_prompt: bool) -> None:
+    """Generate num_samples continuations of one prompt, print them to stdout and the speed to stderr."""
+    device = model.lm_head.weight.device
+    ids = encode_prompt(prompt_text, tokenizer, model.config.block_size)
+    prompt = torch.tensor([ids] * options["num_samples"], dtype=torch.long, device=device)  # (B, T)
+    stop_token = tokenizer.eot_token if options["stop_at_eot"] else None
+    shown_prompt = tokenizer.decode(ids) if echo_prompt and ids != [tokenizer.eot_token] else ""
+    text_stream = TextStream(tokenizer, stop_token) if stream else None
+    if text_stream is not None:
+        sys.stdout.write(shown_prompt)
+        sys.stdout.flush()
+    result = generate(model, prompt, options["max_new_tokens"], sampling, generator, stop_token=stop_token,
+                      vocab_size=tokenizer.vocab_size, on_tokens=text_stream)
+    if text_stream is not None:
+        text_stream.flush()
+    else:
+        for row, new_ids in enumerate(result.tokens.tolist()):
+            if row:
+                print("-" * 40)
+            print(shown_prompt + tokenizer.decode(until_stop(new_ids, stop_token)))
+    prompt_rate = result.prompt_tokens / max(result.prompt_seconds, 1e-9)
+    decode_rate = result.decoded_tokens / max(result.decode_seconds, 1e-9)
+    print(f"prompt: {result.prompt_tokens} tokens, {prompt_rate:.0f} tokens/s; "
+          f"decode: {result.decoded_tokens} tokens, {decode_rate:.1f} tokens/s", file=sys.stderr)
+
+
+def bench(device: torch.device, dtype: torch.dtype, new_tokens: int = 512, rounds: int = 2) -> None:
+    """Decode tokens/s with and without the cache, same prompt and settings, for the small preset's model.
+
+    The two paths alternate for a few rounds and the best of each is reported: on a CPU shared with other work,
+    a burst of load then slows both alike instead of whichever happened to run during it.
+    """
+    model_config = PRESETS["small"]().model
+    torch.manual_seed(0)
+    model = GPT(model_config).to(device=device, dtype=dtype).eval()
+    print(f"small preset: {model_config.n_layer} layers, {model_config.n_embd} wide, block {model_config.block_size}, "
+          f"vocab {model_config.vocab_size}, random weights; {new_tokens} new tokens after a 16-token prompt, batch 1; "
+          f"{device}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads", file=sys.stderr)
+    speeds: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for use_cache in (True, False):
+            speeds[use_cache].append(decode_speed(model, use_cache=use_cache, new_tokens=new_tokens))
+            print(f"  {'with' if use_cache else 'without'} cache: {speeds[use_cache][-1]:.1f} tokens/s",
+                  file=sys.stderr)
+    cached, uncached = max(speeds[True]), max(speeds[False])
+    print(f"decode with KV cache: {cached:.1f} tokens/s")
+    print(f"decode without cache: {uncached:.1f} tokens/s")
+    print(f"speed-up: {cached / uncached:.1f}x")
+
+
+def _parse_flag(name: str, value: str) -> bool | None:
+    lowered = str(value).lower()
+    if lowered == "auto":
+        return None
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise UserError(f"--{name}={value} is not a boolean; use --{name}=True, False or auto")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, preset="small")
+    options, train = parsed.options, parsed.config.train
+    ignored = sorted(parsed.overridden - CONFIG_FIELDS_USED)
+    if ignored:
+        raise UserError(f"--{ignored[0]} has no effect here: generate.py takes the model's config from the "
+                        "checkpoint; it reads only --device, --dtype, --seed and --init_from of the config fields")
+    if options["bench"]:
+        device, dtype, _ = choose_device_and_dtype(train.device, train.dtype, "dtype" in parsed.overridden, "auto")
+        bench(device, dtype)
+        return
+    sampling = Sampling(options["temperature"], options["top_k"], options["top_p"],
+                        options["repetition_penalty"]).validate()
+    if options["max_new_tokens"] < 1:
+        raise UserError(f"max_new_tokens={options['max_new_tokens']} must be 1 or more")
+    if options["num_samples"] < 1:
+        raise UserError(f"num_samples={options['num_samples']} must be 1 or more")
+    stream = _parse_flag("stream", options["stream"])
+    if stream and options["num_samples"] > 1:
+        raise UserError("--stream prints one sample as it grows; drop it to print --num_samples samples when done")
+    if stream is None:
+        stream = sys.stdout.isatty() and options["num_samples"] == 1
+
+    model, tokenizer, trained_dtype = load_model_and_tokenizer({**options, "init_from": train.init_from})
+    device, dtype, reason = choose_device_and_dtype(train.device, train.dtype, "dtype" in parsed.overridden,
+                                                    trained_dtype)
+    model = model.to(device=device, dtype=dtype)
+    print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}: {reason}", file=sys.stderr)
+    generator = torch.Generator(device).manual_seed(train.seed)
+
+    if not options["interactive"]:
+        complete(read_prompt(options), model, tokenizer, sampling, options, generator, stream, echo_prompt=True)
+        return
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input (Ctrl-D)
+            return
+        try:
+            complete(line.rstrip("\n"), model, tokenizer, sampling, options, generator, stream, echo_prompt=False)
+        except UserError as err:  # one bad prompt should not end the session
+            print(f"error: {err}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,296 @@
+"""GPT-2 weights in and out of Hugging Face's layout: start from OpenAI's GPT-2, or export a trained checkpoint.
+
+    python hf.py --ckpt=checkpoints/RUN/best.pt --out=DIR   # writes config.json + model.safetensors for transformers
+Loading is a library call used by train.py, generate.py and evaluate.py (`--init_from=gpt2|PATH`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from config import ModelConfig, UserError, parse_args, run_cli
+from model import GPT
+
+# OpenAI's four sizes, under the organisation that now hosts them on the Hub.
+OFFICIAL_MODELS = {
+    "gpt2": "openai-community/gpt2",  # 124M
+    "gpt2-medium": "openai-community/gpt2-medium",  # 350M
+    "gpt2-large": "openai-community/gpt2-large",  # 774M
+    "gpt2-xl": "openai-community/gpt2-xl",  # 1558M
+}
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer_spec.json"  # our tokenizer as a checkpoint stores it, so a char model survives export
+GPT2_TOKENIZER = {"name": "gpt2"}
+GPT2_EOT = 50256  # <|endoftext|> in GPT-2's BPE
+
+# GPT-2's Conv1D stores its weight as (in, out), the transpose of nn.Linear's (out, in).
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Buffers older transformers versions saved: the causal mask and its fill value. Not weights; our attention is causal.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+HUB_PROBE_TIMEOUT_S = 3.0  # huggingface_hub retries an unreachable host for ~25 s; a probe answers in this time
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({str(err)[:200]}); download it again") from None
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not a readable JSON config ({err}); it should be a GPT-2 config.json") from None
+
+
+def model_config_from_hf(hf_config: dict, dropout: float = 0.0) -> ModelConfig:
+    """Our ModelConfig from a GPT-2 config.json; anything our model would compute differently is refused."""
+    model_type = hf_config.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise UserError(f"config.json has model_type={model_type!r}; only GPT-2 checkpoints (model_type gpt2) load")
+    for key in ("vocab_size", "n_embd", "n_layer", "n_head"):
+        if not isinstance(hf_config.get(key), int):
+            raise UserError(f"config.json lacks an integer {key!r}; it is not a GPT-2 config")
+    n_embd = hf_config["n_embd"]
+    # Each entry: (key, GPT-2's default, the values our model computes identically).
+    same_math = [
+        ("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh")),  # our MLP: GELU, tanh approximation
+        ("n_inner", None, (None, 4 * n_embd)),
+        ("layer_norm_epsilon", 1e-5, (1e-5,)),
+        ("scale_attn_weights", True, (True,)),
+        ("scale_attn_by_inverse_layer_idx", False, (False,)),
+        ("tie_word_embeddings", True, (True,)),
+        ("add_cross_attention", False, (False,)),
+    ]
+    for key, default, accepted in same_math:
+        value = hf_config.get(key, default)
+        if value not in accepted:
+            raise UserError(f"config.json has {key}={value!r}; this project's GPT-2 supports only "
+                            f"{' or '.join(map(repr, accepted))}")
+    block_size = hf_config.get("n_positions", hf_config.get("n_ctx"))
+    if not isinstance(block_size, int):
+        raise UserError("config.json lacks an integer 'n_positions' (the context length); it is not a GPT-2 config")
+    config = ModelConfig(vocab_size=hf_config["vocab_size"], n_layer=hf_config["n_layer"], n_head=hf_config["n_head"],
+                         n_embd=n_embd, block_size=block_size, dropout=dropout, bias=True)
+    config.validate()
+    return config
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' GPT2LMHeadModel names, Conv1D weights transposed, the tied LM head left out.
+
+    Every tensor is a fresh contiguous copy: safetensors refuses tensors that share memory. A model without
+    biases gets zero biases, which computes the same thing in GPT-2's always-biased layers.
+    """
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to transformer.wte.weight; transformers re-ties it on load (tie_word_embeddings)
+        tensor = tensor.detach().to("cpu", torch.float32)
+        tensors[name] = (tensor.t() if name.endswith(TRANSPOSED) else tensor).contiguous().clone()
+    if not model.config.bias:
+        for name in list(tensors):
+            if name.endswith(".weight") and not name.endswith(("wte.weight", "wpe.weight")):
+                out_features = tensors[name].shape[-1] if name.endswith(TRANSPOSED) else tensors[name].shape[0]
+                tensors[name[: -len("weight")] + "bias"] = torch.zeros(out_features)
+    return tensors
+
+
+def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """Map a GPT-2 safetensors file onto our parameter names, checking every name and shape against `config`."""
+    renamed = {}
+    for name, tensor in tensors.items():
+        # The Hub's original files name tensors `h.0...`; transformers' save_pretrained writes `transformer.h.0...`.
+        short = name.removeprefix("transformer.")
+        if short.endswith(IGNORED_SUFFIXES):
+            continue
+        renamed[short] = tensor
+
+    lm_head = renamed.pop("lm_head.weight", None)
+    expected = {name.removeprefix("transformer."): tuple(t.shape)
+                for name, t in GPT(config).state_dict().items() if name != "lm_head.weight"}
+    wte = renamed.get("wte.weight")
+    if wte is not None and wte.dim() == 2 and wte.shape[0] != config.vocab_size:
+        raise UserError(f"vocabulary mismatch in {source}: config.json says vocab_size={config.vocab_size} but "
+                        f"wte.weight holds {wte.shape[0]} token embeddings; the folder's files do not belong together")
+    state = {}
+    for short, shape in expected.items():
+        if short not in renamed:
+            raise UserError(f"{source} has no tensor {short} (expected shape {shape}); the file is incomplete or "
+                            "not a GPT-2 model with this config.json")
+        tensor = renamed.pop(short)
+        hf_shape = shape[::-1] if short.endswith(TRANSPOSED) else shape
+        if tuple(tensor.shape) != hf_shape:
+            raise UserError(f"tensor {short} in {source} has shape {tuple(tensor.shape)}, but config.json implies "
+                            f"{hf_shape}; the weights and config.json do not belong together")
+        tensor = tensor.to(torch.float32)
+        state["transformer." + short] = tensor.t().contiguous() if short.endswith(TRANSPOSED) else tensor
+    if renamed:
+        extra = sorted(renamed)
+        raise UserError(f"{source} holds tensors this GPT-2 config has no place for: {', '.join(extra[:3])}"
+                        f"{' ...' if len(extra) > 3 else ''}; check n_layer in config.json")
+    if lm_head is not None and not torch.equal(lm_head.to(torch.float32), state["transformer.wte.weight"]):
+        raise UserError(f"{source} has an lm_head.weight that differs from wte.weight; this project's GPT ties them")
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def _hub_reachable(endpoint: str) -> str | None:
+    """None if a TCP connection to the Hub opens within a few seconds, else the reason it did not."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # behind a proxy a direct connection proves nothing; let huggingface_hub try
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return str(err) or type(err).__name__
+    return None
+
+
+def download_official(name: str) -> Path:
+    """The folder holding config.json and model.safetensors of an official GPT-2, from the local cache or the Hub."""
+    from huggingface_hub import constants, hf_hub_download
+    repo = OFFICIAL_MODELS[name]
+    files = (CONFIG_FILE, WEIGHTS_FILE)
+    try:  # both files already in the local cache: no network at all
+        return [Path(hf_hub_download(repo, f, local_files_only=True)) for f in files][1].parent
+    except Exception:  # huggingface_hub raises several types for "not in the cache"
+        pass
+    hint = (f"pass a local folder holding {' and '.join(files)} instead: --init_from=PATH (on a machine with a "
+            f"network: hf download {repo} {' '.join(files)} --local-dir PATH)")
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_reachable(constants.ENDPOINT)
+    if reason:
+        raise UserError(f"cannot download {name} from the Hugging Face Hub ({reason}); {hint}")
+    try:
+        paths = [Path(hf_hub_download(repo, f, etag_timeout=HUB_PROBE_TIMEOUT_S)) for f in files]
+    except Exception as err:  # network, HTTP and disk errors all end the same way for the user
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"downloading {name} from the Hugging Face Hub failed ({first_line}); {hint}") from None
+    return paths[1].parent
+
+
+def pretrained_folder(name_or_path: str) -> Path:
+    """An official name resolved through the Hub (or its cache), else a local folder with the GPT-2 layout."""
+    if name_or_path in OFFICIAL_MODELS:
+        return download_official(name_or_path)
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        raise UserError(f"--init_from={name_or_path} is neither {', '.join(OFFICIAL_MODELS)} nor a folder; "
+                        f"give a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder} has no {name}; a pretrained folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
+                            "(transformers' save_pretrained or `make export` write both)")
+    return folder
+
+
+def load_pretrained(name_or_path: str, dropout: float = 0.0, vocab_size: int | None = None) -> tuple[GPT, ModelConfig]:
+    """GPT-2 weights from the Hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local folder, as our GPT.
+
+    Sizes and context come from config.json; only dropout is ours to choose. `vocab_size`, when given, is the
+    data's tokenizer size: a model with another vocabulary is refused rather than fed ids it never learned.
+    """
+    folder = pretrained_folder(name_or_path)
+    config = model_config_from_hf(_read_config_json(folder / CONFIG_FILE), dropout)
+    if vocab_size is not None and vocab_size != config.vocab_size:
+        tokenizer = pretrained_tokenizer(name_or_path)["name"]
+        raise UserError(f"vocabulary mismatch: {name_or_path} has vocab_size={config.vocab_size} but the data's "
+                        f"tokenizer has {vocab_size} tokens; use --tokenizer={tokenizer} for this model")
+    state = state_dict_from_hf(_load_safetensors(folder / WEIGHTS_FILE), config, str(folder / WEIGHTS_FILE))
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model, config
+
+
+def pretrained_tokenizer(name_or_path: str) -> dict:
+    """The tokenizer spec (as checkpoints store it) for a pretrained model: GPT-2's BPE unless our export says else."""
+    spec_file = Path(name_or_path) / TOKENIZER_FILE
+    if name_or_path not in OFFICIAL_MODELS and spec_file.is_file():
+        return _read_config_json(spec_file)
+    return dict(GPT2_TOKENIZER)
+
+
+def check_overrides(pretrained: ModelConfig, requested: ModelConfig, overridden: frozenset[str]) -> None:
+    """Refuse command-line model sizes that contradict loaded weights (pretrained or a checkpoint); dropout is free."""
+    for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias"):
+        if name in overridden and getattr(requested, name) != getattr(pretrained, name):
+            raise UserError(f"--{name}={getattr(requested, name)} contradicts the loaded model's "
+                            f"{name}={getattr(pretrained, name)}; drop the option (sizes come from the weights)")
+
+
+def hf_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
+    """A config.json that transformers reads as GPT2LMHeadModel with the same sizes and math as ours."""
+    is_gpt2_bpe = tokenizer.get("name") == "gpt2" and config.vocab_size > GPT2_EOT  # a GPT-2 BPE vocabulary
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",  # the tanh approximation, as in our MLP
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": GPT2_EOT if is_gpt2_bpe else None,
+        "eos_token_id": GPT2_EOT if is_gpt2_bpe else None,
+        "tokenizer_class": "GPT2TokenizerFast" if is_gpt2_bpe else None,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """Write a checkpoint as a transformers GPT-2 folder: config.json, model.safetensors, tokenizer_spec.json."""
+    from safetensors.torch import save_file
+    payload = load_checkpoint(Path(ckpt_path))
+    model, config = model_from_checkpoint(payload)
+    tokenizer = payload.get("tokenizer") or dict(GPT2_TOKENIZER)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(hf_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        (out / CONFIG_FILE).write_text(json.dumps(hf_config_dict(config.model, tokenizer), indent=2) + "\n")
+        (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer) + "\n")
+    except OSError as err:
+        raise UserError(f"could not write the export to {out}: {err.strerror or err}") from None
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv, extra={"ckpt": "", "run": "", "out": ""})
+    if args.overridden:
+        raise UserError(f"export takes --ckpt, --run and --out only, not --{sorted(args.overridden)[0]}")
+    ckpt = resolve_checkpoint(args.options["ckpt"], args.options["run"])
+    out = Path(args.options["out"] or ckpt.parent / "hf")
+    export_checkpoint(ckpt, out)
+    tokenizer = pretrained_tokenizer(str(out))
+    usage = "GPT2LMHeadModel.from_pretrained(folder)"
+    if tokenizer["name"] == "gpt2":
+        usage += ", tokenizer AutoTokenizer.from_pretrained('gpt2')"
+    print(f"exported {ckpt} to {out}/ ({CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}); load with {usage}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,248 @@
+"""The GPT-2 model: token and position embeddings, pre-LayerNorm transformer blocks, a weight-tied LM head.
+
+Pure tensors in, tensors out: no files, devices, optimizers, tokenizers or DDP. Parameter names follow OpenAI's
+GPT-2 checkpoint (wte, wpe, h.N.attn.c_attn, ...) so that importing or exporting its weights is a key map.
+Try it: python -c "import model, config; print(model.count_parameters(config.PRESETS['gpt2']().model))"
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so each new token costs one position's work.
+
+    Lives beside the model (generate.py owns it) and is passed into GPT.forward; `length` is how many positions
+    are filled. Preallocated for `max_length` positions: appending never copies the past.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device, dtype: torch.dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_length, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_length = max_length
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, nh, T, hs) and return all of them so far."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} requested")
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+
+        past = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None:
+            k, v = kv_cache.append(layer, k, v)  # (B, nh, past + T, hs)
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # one new query sees every past key
+        else:
+            # new queries after a filled cache: query i sits at position past + i and sees keys 0..past + i
+            visible = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation; keeps imported weights exact
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017), as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 paper: scale the residual projections by 1/sqrt(2 * n_layer), two per block, so that the residual
+        # stream's variance does not grow with depth.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """Linear and embedding weights ~ N(0, 0.02), biases 0, LayerNorm weight 1 and bias 0 (GPT-2's scheme).
+
+        The residual projections (c_proj) are rescaled after this pass; the LM head shares wte's tensor.
+        """
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab), or the mean cross-entropy loss when targets (B, T) are given.
+
+        The loss goes through forward (not a separate method) so that DDP's gradient hooks see it.
+        With a kv_cache, idx holds only the new tokens; their positions continue after the cached ones.
+        last_only (sampling): logits (B, 1, vocab) of the last position only, skipping the (T, vocab) LM-head matmul.
+        """
+        B, T = idx.size()
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        if last_only and targets is None:
+            x = x[:, -1:]  # (B, 1, C)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.length += T
+        if targets is None:
+            return self.lm_head(x)  # (B, T, vocab)
+        return lm_head_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+
+
+# Rows of logits computed at once by the loss: 128 rows of GPT-2's 50k vocabulary are 26 MB in float32. Measured
+# on 2 CPU cores (bench.py; loss forward + backward alone, bf16): 0.63x the time of F.cross_entropy over the whole
+# (B*T, vocab) logits at SMALL, ~0.5x at TINY; 256 rows and more were slower, 64 no better.
+LOSS_CHUNK_ROWS = 128
+
+
+class _ChunkedLMHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of softmax(x @ weight.T) against targets, computed a chunk of rows at a time.
+
+    Forward takes each chunk's logits in the matmul dtype, its log-softmax in float32, and at once the gradient of
+    the mean loss with respect to those logits, (softmax - one_hot) / n, stored in the matmul dtype. So the float32
+    logits exist one chunk at a time, nothing is recomputed, and backward is two large matmuls (x's and weight's
+    gradients) instead of per-chunk ones, which measured slower (a read-modify-write of weight's gradient per chunk).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        valid = targets != -1  # ignore_index=-1, as F.cross_entropy(ignore_index=-1)
+        n_valid = valid.sum()
+        safe_targets = targets.clamp(min=0)[:, None]  # (N, 1)
+        row_weight = valid.to(torch.float32) / n_valid  # (N,): d(mean loss) / d(row loss)
+        grad_logits = torch.empty(x.size(0), weight.size(0), dtype=x.dtype, device=x.device)  # (N, vocab)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtypes
+            for start in range(0, x.size(0), chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                log_probs = torch.log_softmax((x[rows] @ weight.t()).float(), dim=-1)  # (n, vocab)
+                target = safe_targets[rows]  # (n, 1)
+                total -= (log_probs.gather(1, target).squeeze(1) * valid[rows]).sum()
+                grad = log_probs.exp_().scatter_add_(1, target, torch.full_like(target, -1, dtype=torch.float32))
+                torch.mul(grad, row_weight[rows, None], out=grad_logits[rows])  # softmax - one_hot, per mean
+        ctx.save_for_backward(x, weight, grad_logits)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        x, weight, grad_logits = ctx.saved_tensors
+        scale = grad_loss.to(x.dtype)
+        return (grad_logits @ weight) * scale, (grad_logits.t() @ x) * scale, None, None
+
+
+def lm_head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_rows: int | None = None) -> torch.Tensor:
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) for x (N, C), weight (vocab, C), without (N, vocab).
+
+    Under autocast the matmuls run in the autocast dtype (as nn.Linear would) and the loss in float32.
+    """
+    chunk_rows = chunk_rows or LOSS_CHUNK_ROWS
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    if not torch.is_grad_enabled():  # evaluation: the loss alone, still a chunk at a time
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, x.size(0), chunk_rows):
+            logits = (x[start:start + chunk_rows] @ weight.t()).float()
+            total += F.cross_entropy(logits, targets[start:start + chunk_rows], ignore_index=-1, reduction="sum")
+        return total / (targets != -1).sum()
+    return _ChunkedLMHeadLoss.apply(x, weight, targets, chunk_rows)
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Trainable parameters of GPT(config), counting the tied LM head once and the position embeddings."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    bias = 1 if config.bias else 0
+    layer_norm = C + bias * C
+    attention = C * 3 * C + bias * 3 * C + C * C + bias * C
+    mlp = C * 4 * C + bias * 4 * C + 4 * C * C + bias * C
+    per_block = 2 * layer_norm + attention + mlp
+    return V * C + config.block_size * C + L * per_block + layer_norm
+
+
+def flops_per_token(config: ModelConfig, context: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token: 6 per weight plus attention (PaLM paper, appendix B).
+
+    Position embeddings do no matmul, so they are left out of the 6N term; `context` defaults to block_size.
+    """
+    T = context or config.block_size
+    matmul_params = count_parameters(config) - config.block_size * config.n_embd
+    attention = 12 * config.n_layer * config.n_embd * T
+    return 6 * matmul_params + attention

@@ -1,0 +1,97 @@
+"""Config presets, validation and command-line overrides, including the error texts a user sees."""
+
+import pytest
+
+from config import PRESETS, Config, ConfigError, parse_args
+from model import count_parameters
+
+
+def test_overrides_are_typed_and_land_in_the_right_section():
+    parsed = parse_args(["--preset=tiny", "--n_layer=8", "--learning_rate=1e-3", "--compile=True",
+                         "--dataset=shakespeare", "--max_iters=1e4"])
+    config = parsed.config
+    assert config.preset == "tiny"
+    assert config.model.n_layer == 8 and isinstance(config.model.n_layer, int)
+    assert config.train.learning_rate == pytest.approx(1e-3)
+    assert config.train.compile is True
+    assert config.train.max_iters == 10000
+    assert config.data.dataset == "shakespeare"
+    assert parsed.overridden == {"n_layer", "learning_rate", "compile", "dataset", "max_iters"}
+    # untouched fields keep the preset's values
+    assert config.model.n_embd == PRESETS["tiny"]().model.n_embd
+
+
+def test_bare_flag_means_true_and_auto_means_none():
+    config = parse_args(["--preset=tiny", "--resume", "--compile=auto"]).config
+    assert config.train.resume is True
+    assert config.train.compile is None
+
+
+def test_learning_rate_override_scales_min_lr_with_it():
+    tiny = PRESETS["tiny"]().train
+    config = parse_args(["--preset=tiny", "--learning_rate=1e-5"]).config
+    assert config.train.min_lr == pytest.approx(1e-5 * tiny.min_lr / tiny.learning_rate)
+
+
+def test_unknown_key_suggests_the_closest_names():
+    with pytest.raises(ConfigError, match=r"unknown option --n_layr; did you mean --n_layer"):
+        parse_args(["--preset=tiny", "--n_layr=3"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_embd=100", "--n_head=3"], r"n_embd=100 is not divisible by n_head=3; pick n_head from \[1, 2, 4, 5"),
+    (["--n_layer=0"], r"n_layer=0 must be a positive number"),
+    (["--batch_size=-2"], r"batch_size=-2 must be a positive number"),
+    (["--dtype=fp8"], r"dtype='fp8' is not one of auto, float32, bfloat16, float16"),
+    (["--device=tpu"], r"device='tpu' is not known; use auto, cpu, cuda"),
+    (["--n_layer=abc"], r"--n_layer=abc is not an integer"),
+    (["--learning_rate=fast"], r"--learning_rate=fast is not a number"),
+    (["--compile=maybe"], r"--compile=maybe is not a boolean"),
+    (["--dropout=1.5"], r"dropout=1.5 is outside \[0, 1\)"),
+    (["--sampling=epochs"], r"sampling='epochs' is not one of random, epoch \(did you mean epoch\?\)"),
+    (["--tokenizer=bpe"], r"tokenizer='bpe' is not one of gpt2, char"),
+    (["n_layer=3"], r"argument 'n_layer=3' is not of the form --key=value"),
+])
+def test_invalid_values_are_rejected_with_the_value_and_a_fix(args, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--preset=tiny", *args])
+
+
+def test_unknown_preset_names_the_choices():
+    choices = "tiny, small, gpt2, gpt2-finetune, gpt2-medium, gpt2-large"
+    with pytest.raises(ConfigError, match=rf"preset='huge' is not one of {choices}"):
+        parse_args(["--preset=huge"])
+
+
+def test_entry_point_options_parse_with_the_type_of_their_default():
+    parsed = parse_args(["--preset=tiny", "--prompt=hi", "--top_k=5", "--stream=False"],
+                        extra={"prompt": "", "top_k": 200, "stream": True})
+    assert parsed.options == {"prompt": "hi", "top_k": 5, "stream": False}
+    assert parsed.overridden == frozenset()
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_complete_and_valid(name):
+    config = PRESETS[name]()
+    config.preset = name
+    config.validate()
+    assert config.model.n_embd % config.model.n_head == 0
+
+
+def test_small_preset_holds_the_well_known_numbers_and_about_30m_parameters():
+    small = PRESETS["small"]()
+    assert (small.model.n_layer, small.model.n_head, small.model.n_embd, small.model.block_size) == (6, 6, 384, 512)
+    assert (small.train.batch_size, small.train.learning_rate, small.train.max_iters) == (16, 3e-4, 10000)
+    assert 28e6 < count_parameters(small.model) < 32e6
+
+
+def test_preset_sizes_grow_as_their_names_say():
+    sizes = [count_parameters(PRESETS[n]().model) for n in ("tiny", "small", "gpt2", "gpt2-medium", "gpt2-large")]
+    assert sizes == sorted(sizes)
+    assert 340e6 < sizes[3] < 360e6 and 760e6 < sizes[4] < 780e6
+
+
+def test_config_round_trips_through_a_dict():
+    config = parse_args(["--preset=tiny", "--n_layer=3", "--dataset=x.txt"]).config
+    again = Config.from_dict(config.to_dict())
+    assert again == config

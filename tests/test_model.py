@@ -1,0 +1,134 @@
+"""The GPT model: shapes, causality, weight tying, GPT-2's parameter count, and that it can learn."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from config import PRESETS, ModelConfig
+from model import GPT, KVCache, count_parameters, flops_per_token, lm_head_cross_entropy
+
+TINY = ModelConfig(vocab_size=100, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)
+
+
+def test_logits_shape_and_initial_loss_is_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    x = torch.randint(0, 100, (3, 16))
+    assert model(x).shape == (3, 16, 100)
+    targets = torch.randint(0, 100, (3, 16))
+    loss = model(x, targets)
+    assert loss.shape == ()
+    # small initial weights give near-uniform predictions: loss close to ln(vocab)
+    assert abs(loss.item() - math.log(100)) < 0.3
+
+
+def test_changing_future_tokens_leaves_past_logits():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    x = torch.randint(0, 100, (1, 16))
+    y = x.clone()
+    y[:, 8:] = (y[:, 8:] + 1) % 100
+    assert torch.allclose(model(x)[:, :8], model(y)[:, :8], atol=1e-6)
+    assert not torch.allclose(model(x)[:, 8:], model(y)[:, 8:], atol=1e-3)
+
+
+def test_lm_head_is_tied_to_token_embedding():
+    model = GPT(TINY)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with torch.no_grad():
+        model.transformer.wte.weight[5].fill_(1.0)
+    assert torch.all(model.lm_head.weight[5] == 1.0)
+
+
+def test_gpt2_preset_has_exactly_gpt2_small_parameter_count():
+    config = PRESETS["gpt2"]().model
+    model = GPT(config)
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+    assert count_parameters(config) == 124_439_808
+
+
+def test_count_parameters_matches_the_model_without_bias_too():
+    config = ModelConfig(vocab_size=77, n_layer=3, n_head=4, n_embd=48, block_size=20, bias=False)
+    assert count_parameters(config) == sum(p.numel() for p in GPT(config).parameters())
+
+
+def test_flops_per_token_follows_6n_plus_attention():
+    config = PRESETS["gpt2"]().model
+    n = 124_439_808 - 1024 * 768
+    assert flops_per_token(config) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_residual_projections_are_scaled_down_with_depth():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=100, n_layer=8, n_head=4, n_embd=256, block_size=16))
+    c_proj = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    c_fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(c_fc - 0.02) < 0.002
+    assert abs(c_proj - 0.02 / math.sqrt(16)) < 0.001
+
+
+def test_parameter_names_follow_gpt2_checkpoint():
+    names = set(GPT(TINY).state_dict())
+    for expected in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                     "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias",
+                     "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight", "transformer.ln_f.bias"):
+        assert expected in names
+
+
+def test_kv_cache_gives_the_same_logits_as_the_full_forward():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    x = torch.randint(0, 100, (2, 16))
+    cache = KVCache(TINY, batch_size=2, max_length=16, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        full = model(x)
+        pieces = [model(x[:, :5], kv_cache=cache), model(x[:, 5:9], kv_cache=cache)]
+        pieces += [model(x[:, t:t + 1], kv_cache=cache) for t in range(9, 16)]
+    assert cache.length == 16
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 100, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    for _ in range(150):
+        loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+
+
+def test_chunked_lm_head_loss_and_gradients_equal_the_plain_cross_entropy():
+    torch.manual_seed(0)
+    x = torch.randn(37, 32, requires_grad=True)  # 37 rows: the last chunk is partial
+    weight = torch.randn(100, 32, requires_grad=True)
+    targets = torch.randint(0, 100, (37,))
+    targets[5] = -1  # ignore_index, as F.cross_entropy(ignore_index=-1)
+    plain = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
+    plain_grads = torch.autograd.grad(plain * 3.0, (x, weight))  # a scaled loss, as accumulation/GradScaler do
+    chunked = lm_head_cross_entropy(x, weight, targets, chunk_rows=8)
+    chunked_grads = torch.autograd.grad(chunked * 3.0, (x, weight))
+    assert torch.allclose(chunked, plain, atol=1e-6, rtol=1e-6)
+    for got, want in zip(chunked_grads, plain_grads):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(lm_head_cross_entropy(x, weight, targets, chunk_rows=8), plain, atol=1e-6)
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits_with_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    x, y = torch.randint(0, 100, (3, 16)), torch.randint(0, 100, (3, 16))
+    model(x, y).backward()
+    chunked = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    plain = F.cross_entropy(model(x).view(-1, 100), y.view(-1))
+    plain.backward()
+    assert torch.allclose(model(x, y), plain, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(chunked[name], p.grad, atol=1e-6, rtol=1e-5), name
