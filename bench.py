@@ -146,10 +146,11 @@ def bench_matmul(repeats: int) -> dict:
 
 def bench_decode(repeats: int, new_tokens: int) -> dict:
     """KV-cached vs whole-context decoding, SMALL preset (block 512), float32, random weights, interleaved."""
-    from generate import decode_speed
+    from generate import decode_speed, lay_out_for_decoding
     model_config: ModelConfig = PRESETS["small"]().model
     torch.manual_seed(0)
     model = GPT(model_config).eval()
+    lay_out_for_decoding(model)  # as generate.py decodes on the CPU; both paths use the same model
     speeds = {True: [], False: []}
     for _ in range(repeats):
         for use_cache in (True, False):

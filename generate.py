@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 import checkpoint
 import data
@@ -116,6 +117,28 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total, so never past the last token
     # right=True: the first id whose cumulative mass exceeds u, which is never a zero-probability (filtered) token
     return torch.searchsorted(cumulative, u, right=True).squeeze(1)
+
+
+def lay_out_for_decoding(model: GPT) -> GPT:
+    """Store each Linear weight column-major, (in, out) in memory, keeping its (out, in) shape; ties stay tied.
+
+    Decoding one token multiplies a vector by every weight matrix, so its speed is the speed of reading them. On the
+    CPU, MKL reads the usual (out, in) layout at about a third of the memory's speed and the (in, out) layout near
+    it: the SMALL LM head took 8.2 ms against 3.0 ms here, and a 512-token SMALL decode went from 70 to 127 tokens/s.
+    The products differ only by float32 rounding (another summation order). CUDA's kernels do not care, so this is
+    for CPU decoding only.
+    """
+    relaid: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            weight = module.weight
+            if id(weight) not in relaid:
+                relaid[id(weight)] = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+            module.weight = relaid[id(weight)]
+    for module in model.modules():  # the token embedding shares the LM head's tensor (weight tying)
+        if isinstance(module, nn.Embedding) and id(module.weight) in relaid:
+            module.weight = relaid[id(module.weight)]
+    return model
 
 
 class Decoder:
@@ -263,9 +286,9 @@ def choose_device_and_dtype(device: str, dtype: str, dtype_given: bool,
             raise UserError("dtype=float16 has no fast CPU kernels; use --dtype=float32 or bfloat16 on the CPU")
         return chosen_device, *pick_dtype(dtype, chosen_device)
     if chosen_device.type == "cpu":
-        # One token at a time, the CPU's bf16 matmul paths are slower than float32 (17.8 vs 14.0 ms per token,
-        # small preset, one core with AMX), although bf16 trains faster there.
-        return chosen_device, torch.float32, "one token at a time, float32 decodes fastest on a CPU"
+        # Decoding on a CPU is bound by reading the weights, not by arithmetic: with column-major weights bf16 gained
+        # only 17% over float32 here (148 vs 127 tokens/s, SMALL, 2 cores with AVX512-BF16), not worth inexact logits.
+        return chosen_device, torch.float32, "float32 on a CPU: exact logits, and within 20% of bf16's decode speed"
     chosen_dtype, reason = pick_dtype(trained_dtype, chosen_device)
     return chosen_device, chosen_dtype, f"{reason} (the checkpoint's training dtype is {trained_dtype})"
 
@@ -369,6 +392,8 @@ def bench(device: torch.device, dtype: torch.dtype, new_tokens: int = 512, round
     model_config = PRESETS["small"]().model
     torch.manual_seed(0)
     model = GPT(model_config).to(device=device, dtype=dtype).eval()
+    if device.type == "cpu":
+        lay_out_for_decoding(model)  # for both paths: they differ only in the cache
     print(f"small preset: {model_config.n_layer} layers, {model_config.n_embd} wide, block {model_config.block_size}, "
           f"vocab {model_config.vocab_size}, random weights; {new_tokens} new tokens after a 16-token prompt, batch 1; "
           f"{device}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads", file=sys.stderr)
@@ -422,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
     device, dtype, reason = choose_device_and_dtype(train.device, train.dtype, "dtype" in parsed.overridden,
                                                     trained_dtype)
     model = model.to(device=device, dtype=dtype)
+    if device.type == "cpu":
+        lay_out_for_decoding(model)
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}: {reason}", file=sys.stderr)
     generator = torch.Generator(device).manual_seed(train.seed)
 

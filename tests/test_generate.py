@@ -23,6 +23,7 @@ from generate import (
     decode_speed,
     encode_prompt,
     generate,
+    lay_out_for_decoding,
     next_token_probs,
     read_prompt,
     sample_from,
@@ -65,6 +66,22 @@ def test_cached_logits_equal_the_uncached_model_on_the_same_window_across_slides
             logits = decoder.step(next_ids)
     assert decoder.slides >= 3
     assert decoder.context.size(1) < BLOCK  # after a slide the window restarts at block_size // 2
+
+
+def test_column_major_weights_decode_the_same_and_stay_tied():
+    model, relaid = tiny_model(), lay_out_for_decoding(tiny_model())
+    assert relaid.lm_head.weight is relaid.transformer.wte.weight  # the tie survives the new storage
+    for name, module in relaid.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            out_features, in_features = module.weight.shape
+            assert module.weight.stride() == (1, out_features), name  # (in, out) in memory, same shape
+    prompt = random_prompt(2, 5)
+    with torch.inference_mode():
+        torch.testing.assert_close(relaid(prompt), model(prompt), atol=1e-6, rtol=0)  # float32 rounding only
+        sampling = Sampling(temperature=0.9, top_k=10)
+        runs = [generate(m, prompt, 2 * BLOCK, sampling, torch.Generator().manual_seed(3)).tokens
+                for m in (model, relaid)]
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_greedy_decoding_is_deterministic_and_the_same_with_and_without_cache():
