@@ -271,16 +271,10 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: i
 
 
 def _chunks(tokens: np.ndarray, size: int = 1 << 20):
-    """Pieces of a token array; a memmap is read with plain file reads, so scanning it once does not leave the whole
-    file mapped into this process (peak RSS would otherwise grow with the size of the data set). Each piece becomes
-    int64 and float64 temporaries (16 bytes a token), so the piece size bounds the peak: 1M tokens, about 17 MB."""
+    """Pieces of a token array, read without mapping the file (see data.read_tokens). Each piece becomes int64 and
+    float64 temporaries (16 bytes a token), so the piece size bounds the peak: 1M tokens, about 17 MB."""
     for start in range(0, len(tokens), size):
-        if isinstance(tokens, np.memmap) and tokens.filename:
-            count = min(size, len(tokens) - start)
-            yield np.fromfile(tokens.filename, dtype=tokens.dtype, count=count,
-                              offset=tokens.offset + start * tokens.dtype.itemsize)
-        else:
-            yield tokens[start:start + size]
+        yield data.read_tokens(tokens, start, size)
 
 
 def resident_memory_mb() -> float | None:

@@ -344,3 +344,22 @@ def test_bench_reports_all_three_rates(gpt2):
     result = data.bench_tokenization("To be, or not to be, that is the question.\n" * 5000)
     assert result["megabytes"] == pytest.approx(0.22, abs=0.01)
     assert all(result[k] > 0 for k in ("single_thread_mb_s", "all_cores_mb_s", "per_line_loop_mb_s"))
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_batches_from_a_large_token_file_keep_resident_memory_flat(tmp_path):
+    (tmp_path / "meta.json").write_text('{"dtype": "uint16"}')
+    np.arange(32 << 20, dtype=np.uint16).tofile(tmp_path / "train.bin")  # 64 MB; token i is i mod 65536
+    tokens = data.open_split(tmp_path, "train")
+    generator = torch.Generator().manual_seed(0)
+    before = resident_mb()
+    for _ in range(300):
+        x, y = data.random_batch(tokens, 12, 128, generator)
+        expected = (x[:, :1] + torch.arange(128)) % 65536  # each row is one contiguous window of the file
+        assert torch.equal(x, expected) and torch.equal(y, (x + 1) % 65536)
+    # Read through the map, the same batches left about 60 MB of the file resident (pages and their neighbours).
+    assert resident_mb() - before < 16
