@@ -204,7 +204,11 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         x, weight, grad_logits = ctx.saved_tensors
         scale = grad_loss.to(x.dtype)
-        return (grad_logits @ weight) * scale, (grad_logits.t() @ x) * scale, None, None
+        grad_x = (grad_logits @ weight) * scale  # (N, C)
+        # weight's gradient as (x.T @ grad_logits).T: the same product, but MKL runs it 1.4x faster in this
+        # orientation than grad_logits.T @ x (219 vs 305 ms at SMALL, bf16, 2 cores); scaling x costs N*C, not V*C.
+        grad_weight = ((x * scale).t() @ grad_logits).t()  # (vocab, C)
+        return grad_x, grad_weight, None, None
 
 
 def lm_head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
