@@ -124,7 +124,8 @@ def lay_out_for_decoding(model: GPT) -> GPT:
 
     Decoding one token multiplies a vector by every weight matrix, so its speed is the speed of reading them. On the
     CPU, MKL reads the usual (out, in) layout at about a third of the memory's speed and the (in, out) layout near
-    it: the SMALL LM head took 8.2 ms against 3.0 ms here, and a 512-token SMALL decode went from 70 to 127 tokens/s.
+    it: the SMALL LM head took 8.2 ms against 3.0 ms here, and `python generate.py --bench` went from 70 to 122
+    tokens/s.
     The products differ only by float32 rounding (another summation order). CUDA's kernels do not care, so this is
     for CPU decoding only.
     """
