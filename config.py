@@ -177,7 +177,7 @@ def _preset(model: dict, train: dict, data: dict | None = None) -> Config:
 PRESETS: dict[str, Callable[[], Config]] = {
     "tiny": lambda: _preset(
         dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0),
-        dict(batch_size=12, max_iters=1200, learning_rate=2e-3, min_lr=2e-4, warmup_iters=100,
+        dict(batch_size=12, max_iters=1000, learning_rate=2e-3, min_lr=2e-4, warmup_iters=100,
              eval_interval=200, eval_iters=20, log_interval=10, weight_decay=0.1)),
     "small": lambda: _preset(
         dict(n_layer=6, n_head=6, n_embd=384, block_size=512, dropout=0.1),
