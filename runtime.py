@@ -8,6 +8,7 @@ Try it: python -c "import runtime; print(runtime.setup_runtime('auto', 'auto').d
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import functools
 import os
@@ -113,12 +114,33 @@ def usable_cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def keep_freed_memory() -> None:
+    """Let the C allocator keep memory a training step frees, for the next step, instead of returning it to the OS.
+
+    glibc's malloc gives back freed memory above a threshold that moves with use, so every step of a large-vocabulary
+    model got fresh pages from the kernel for its big tensors and page-faulted on each of them again. Fixing the
+    thresholds (allocations of up to 32 MB from the heap, which is never trimmed) made a SMALL bf16 step on 2 cores
+    1539 instead of 1732 ms at a peak RSS of 1368 instead of 1339 MB; disabling mmap altogether was faster still, but
+    its peak RSS grew step after step (fragmentation). Linux with glibc only; elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # a C library without mallopt
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
+    mallopt(m_trim_threshold, 2**31 - 1)
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+
+
 def setup_runtime(device: str = "auto", dtype: str = "auto", ddp_timeout_s: float = 300.0) -> Runtime:
     """Pick device and dtype; under torchrun (WORLD_SIZE > 1) also join the process group, one GPU per process.
 
     More processes on a node than GPUs is an error (two ranks on one GPU only contend for its memory). On the CPU more
     processes than cores is allowed, with a warning: the ranks time-share the cores, so it is useful for testing only.
     """
+    keep_freed_memory()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

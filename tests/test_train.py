@@ -276,3 +276,38 @@ def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path, corpus):
     result = run_train(tmp_path, "--preset=tiny", f"--init_from={tmp_path / 'exported'}", f"--dataset={corpus}",
                        "--tokenizer=char", "--n_layer=5", "--out_dir=bad", check=False)
     assert result.returncode == 2 and "--n_layer=5 contradicts the loaded model's n_layer=2" in result.stderr
+
+
+MALLINFO_PROBE = """
+import ctypes, sys, torch
+import runtime
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "setup":
+    runtime.setup_runtime("cpu", "float32")
+heap_before = libc.mallinfo2().arena
+block = torch.ones(24 << 20, dtype=torch.uint8)  # 24 MB, the size of a big activation or logits chunk
+mapped_while_alive = libc.mallinfo2().hblkhd
+del block
+print(mapped_while_alive, libc.mallinfo2().arena - heap_before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"),
+                    reason="glibc's allocator only")
+def test_the_runtime_keeps_freed_memory_for_the_next_step_instead_of_returning_it_to_the_os():
+    def probe(mode: str) -> tuple[int, int]:
+        result = subprocess.run([sys.executable, "-c", MALLINFO_PROBE, mode], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent.parent, check=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        mapped, heap_growth = map(int, result.stdout.split())
+        return mapped, heap_growth
+    mb = 1 << 20
+    default_mapped, _ = probe("default")
+    assert default_mapped >= 24 * mb  # glibc's default: a block this big gets pages of its own, returned on free
+    mapped, heap_growth = probe("setup")
+    assert mapped < 24 * mb  # after setup_runtime: from the heap...
+    assert heap_growth >= 20 * mb  # ...which keeps it after the free, for the next step to reuse without page faults
