@@ -2,9 +2,11 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 from config import PRESETS, ModelConfig
 from model import GPT, KVCache, count_parameters, flops_per_token, lm_head_cross_entropy
 
@@ -111,13 +113,54 @@ def test_chunked_lm_head_loss_and_gradients_equal_the_plain_cross_entropy():
     targets[5] = -1  # ignore_index, as F.cross_entropy(ignore_index=-1)
     plain = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
     plain_grads = torch.autograd.grad(plain * 3.0, (x, weight))  # a scaled loss, as accumulation/GradScaler do
-    chunked = lm_head_cross_entropy(x, weight, targets, chunk_rows=8)
+    # groups of 16 rows in chunks of 8: 37 rows end in a partial group (5 rows) holding a partial chunk
+    chunked = lm_head_cross_entropy(x, weight, targets, chunk_rows=8, group_rows=16)
     chunked_grads = torch.autograd.grad(chunked * 3.0, (x, weight))
     assert torch.allclose(chunked, plain, atol=1e-6, rtol=1e-6)
     for got, want in zip(chunked_grads, plain_grads):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
     with torch.no_grad():
         assert torch.allclose(lm_head_cross_entropy(x, weight, targets, chunk_rows=8), plain, atol=1e-6)
+
+
+def test_the_compiled_loss_chunk_used_for_large_vocabularies_equals_the_plain_cross_entropy(monkeypatch):
+    compiled_calls = []
+    compiled = torch.compile(model_module.softmax_cross_entropy_chunk, dynamic=True)
+
+    def counted(*args):
+        compiled_calls.append(args[0].shape)
+        return compiled(*args)
+    monkeypatch.setattr(model_module, "_compiled_chunk", counted)
+    monkeypatch.setattr(model_module, "_compiled_chunk_failed", False)
+    torch.manual_seed(0)
+    vocab = model_module.COMPILED_LOSS_MIN_VOCAB  # the smallest vocabulary that takes the compiled path
+    x = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(vocab, 16, requires_grad=True)
+    targets = torch.randint(0, vocab, (40,))
+    targets[3] = -1
+    plain = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
+    plain_grads = torch.autograd.grad(plain, (x, weight))
+    chunked = lm_head_cross_entropy(x, weight, targets, chunk_rows=16, group_rows=32)
+    assert compiled_calls == [(16, vocab), (16, vocab), (8, vocab)]  # 40 rows: groups of 32 and 8
+    chunked_grads = torch.autograd.grad(chunked, (x, weight))
+    assert torch.allclose(chunked, plain, atol=1e-5, rtol=1e-5)
+    for got, want in zip(chunked_grads, plain_grads):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_a_machine_that_cannot_compile_gets_the_same_loss_uncompiled_with_a_warning(monkeypatch):
+    def no_compiler(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+    monkeypatch.setattr(model_module, "_compiled_chunk", no_compiler)
+    monkeypatch.setattr(model_module, "_compiled_chunk_failed", False)
+    torch.manual_seed(0)
+    vocab = model_module.COMPILED_LOSS_MIN_VOCAB
+    x, weight = torch.randn(20, 8, requires_grad=True), torch.randn(vocab, 8)
+    targets = torch.randint(0, vocab, (20,))
+    with pytest.warns(UserWarning, match="No working C.. compiler found$"):
+        loss = lm_head_cross_entropy(x, weight, targets)
+    assert torch.allclose(loss, F.cross_entropy(x @ weight.t(), targets), atol=1e-5)
+    assert model_module._compiled_chunk_failed  # and later calls go straight to the eager version
 
 
 def test_model_loss_equals_cross_entropy_of_its_logits_with_the_same_gradients():
