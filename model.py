@@ -8,7 +8,7 @@ Try it: python -c "import model, config; print(model.count_parameters(config.PRE
 from __future__ import annotations
 
 import math
-import warnings
+import sys
 
 import torch
 import torch.nn as nn
@@ -212,8 +212,9 @@ def _loss_chunk(logits: torch.Tensor, targets: torch.Tensor, row_weight: torch.T
         return _compiled_chunk(logits, targets, row_weight, grad_out)
     except Exception as error:  # a machine without a working C++ compiler: same result, eagerly
         _compiled_chunk_failed = True
-        warnings.warn(f"the loss runs uncompiled (slower) because torch.compile failed here: "
-                      f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"warning: the loss runs uncompiled (slower) because torch.compile failed here: {reason}; "
+              "installing g++ fixes that (see INSTALL.md)", file=sys.stderr)
         return softmax_cross_entropy_chunk(logits, targets, row_weight, grad_out)
 
 
