@@ -30,7 +30,7 @@ import torch
 
 import data
 from config import PRESETS, ModelConfig, UserError, parse_args, run_cli
-from model import GPT, flops_per_token
+from model import flops_per_token
 from runtime import measure_matmul_peak
 
 ROOT = Path(__file__).resolve().parent
@@ -146,17 +146,10 @@ def bench_matmul(repeats: int) -> dict:
 
 def bench_decode(repeats: int, new_tokens: int) -> dict:
     """KV-cached vs whole-context decoding, SMALL preset (block 512), float32, random weights, interleaved."""
-    from generate import decode_speed, lay_out_for_decoding
-    model_config: ModelConfig = PRESETS["small"]().model
-    torch.manual_seed(0)
-    model = GPT(model_config).eval()
-    lay_out_for_decoding(model)  # as generate.py decodes on the CPU; both paths use the same model
-    speeds = {True: [], False: []}
-    for _ in range(repeats):
-        for use_cache in (True, False):
-            speeds[use_cache].append(decode_speed(model, use_cache=use_cache, new_tokens=new_tokens))
+    from generate import compare_decode_speeds
+    speeds = compare_decode_speeds(torch.device("cpu"), torch.float32, new_tokens, repeats)
     return {"with_cache": Spread.of(speeds[True]), "without_cache": Spread.of(speeds[False]),
-            "new_tokens": new_tokens, "block_size": model_config.block_size}
+            "new_tokens": new_tokens, "block_size": PRESETS["small"]().model.block_size}
 
 
 def bench_tokenization(data_dir: Path, megabytes: float) -> dict | None:

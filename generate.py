@@ -126,9 +126,11 @@ def lay_out_for_decoding(model: GPT) -> GPT:
     CPU, MKL reads the usual (out, in) layout at about a third of the memory's speed and the (in, out) layout near
     it: the SMALL LM head took 8.2 ms against 3.0 ms here, and `python generate.py --bench` went from 70 to 122
     tokens/s.
-    The products differ only by float32 rounding (another summation order). CUDA's kernels do not care, so this is
-    for CPU decoding only.
+    The products differ only by float32 rounding (another summation order). CUDA's kernels do not care, so off the
+    CPU the model is returned as it is.
     """
+    if model.lm_head.weight.device.type != "cpu":
+        return model
     relaid: dict[int, nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -384,26 +386,33 @@ def complete(prompt_text: str, model: GPT, tokenizer: data.Tokenizer, sampling: 
           f"decode: {result.decoded_tokens} tokens, {decode_rate:.1f} tokens/s", file=sys.stderr)
 
 
-def bench(device: torch.device, dtype: torch.dtype, new_tokens: int = 512, rounds: int = 2) -> None:
-    """Decode tokens/s with and without the cache, same prompt and settings, for the small preset's model.
+def compare_decode_speeds(device: torch.device, dtype: torch.dtype, new_tokens: int, rounds: int,
+                          say: Callable[[bool, float], None] = lambda use_cache, speed: None
+                          ) -> dict[bool, list[float]]:
+    """Decode tokens/s with (True) and without (False) the cache for the small preset's model, random weights, laid
+    out as main() decodes, same prompt and settings; `say` hears each measurement as it comes.
 
-    The two paths alternate for a few rounds and the best of each is reported: on a CPU shared with other work,
-    a burst of load then slows both alike instead of whichever happened to run during it.
+    The two paths alternate: on a CPU shared with other work, a burst of load then slows both alike instead of
+    whichever happened to run during it.
     """
-    model_config = PRESETS["small"]().model
     torch.manual_seed(0)
-    model = GPT(model_config).to(device=device, dtype=dtype).eval()
-    if device.type == "cpu":
-        lay_out_for_decoding(model)  # for both paths: they differ only in the cache
-    print(f"small preset: {model_config.n_layer} layers, {model_config.n_embd} wide, block {model_config.block_size}, "
-          f"vocab {model_config.vocab_size}, random weights; {new_tokens} new tokens after a 16-token prompt, batch 1; "
-          f"{device}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads", file=sys.stderr)
+    model = lay_out_for_decoding(GPT(PRESETS["small"]().model).to(device=device, dtype=dtype).eval())
     speeds: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(rounds):
         for use_cache in (True, False):
             speeds[use_cache].append(decode_speed(model, use_cache=use_cache, new_tokens=new_tokens))
-            print(f"  {'with' if use_cache else 'without'} cache: {speeds[use_cache][-1]:.1f} tokens/s",
-                  file=sys.stderr)
+            say(use_cache, speeds[use_cache][-1])
+    return speeds
+
+
+def bench(device: torch.device, dtype: torch.dtype, new_tokens: int = 512, rounds: int = 2) -> None:
+    """Print decode tokens/s with and without the cache (the best round of each) and the speed-up."""
+    model_config = PRESETS["small"]().model
+    print(f"small preset: {model_config.n_layer} layers, {model_config.n_embd} wide, block {model_config.block_size}, "
+          f"vocab {model_config.vocab_size}, random weights; {new_tokens} new tokens after a 16-token prompt, batch 1; "
+          f"{device}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads", file=sys.stderr)
+    speeds = compare_decode_speeds(device, dtype, new_tokens, rounds, say=lambda use_cache, speed: print(
+        f"  {'with' if use_cache else 'without'} cache: {speed:.1f} tokens/s", file=sys.stderr))
     cached, uncached = max(speeds[True]), max(speeds[False])
     print(f"decode with KV cache: {cached:.1f} tokens/s")
     print(f"decode without cache: {uncached:.1f} tokens/s")
@@ -447,9 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer, trained_dtype = load_model_and_tokenizer({**options, "init_from": train.init_from})
     device, dtype, reason = choose_device_and_dtype(train.device, train.dtype, "dtype" in parsed.overridden,
                                                     trained_dtype)
-    model = model.to(device=device, dtype=dtype)
-    if device.type == "cpu":
-        lay_out_for_decoding(model)
+    model = lay_out_for_decoding(model.to(device=device, dtype=dtype))
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}: {reason}", file=sys.stderr)
     generator = torch.Generator(device).manual_seed(train.seed)
 
