@@ -154,7 +154,12 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        # The LM head's chunked loss and the token embedding share one weight; in training they also share its
+        # gradient's memory (see TiedGradient), unless torch.compile traces the model (it keeps the plain ops).
+        tied = TiedGradient() if targets is not None and torch.is_grad_enabled() and \
+            not torch.compiler.is_compiling() else None
+        tokens = _TiedEmbedding.apply(idx, self.transformer.wte.weight, tied) if tied else self.transformer.wte(idx)
+        x = self.transformer.drop(tokens + self.transformer.wpe(positions))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer)
         if last_only and targets is None:
@@ -164,7 +169,40 @@ class GPT(nn.Module):
             kv_cache.length += T
         if targets is None:
             return self.lm_head(x)  # (B, T, vocab)
-        return lm_head_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        return lm_head_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), tied=tied)
+
+
+class TiedGradient:
+    """Where the LM-head loss leaves its weight gradient for the token embedding to add its rows into.
+
+    With the usual ops, the tied weight gets two full (vocab, C) gradients, the head's and the embedding's (mostly
+    zeros), which autograd then adds; at GPT-2's vocabulary that is ~77 MB in float32 written and read several
+    times a step. Here the loss's backward (which runs first) stores its gradient and the embedding's backward adds
+    the looked-up rows into it in place and hands the sum to autograd as the weight's only gradient.
+    """
+
+    def __init__(self):
+        self.grad: torch.Tensor | None = None
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    """F.embedding(idx, weight), whose weight gradient is the head's (from `tied`) plus the looked-up rows'."""
+
+    @staticmethod
+    def forward(ctx, idx: torch.Tensor, weight: torch.Tensor, tied: TiedGradient) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.tied, ctx.weight_shape, ctx.weight_dtype = tied, weight.shape, weight.dtype
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        grad_weight, ctx.tied.grad = ctx.tied.grad, None
+        if grad_weight is None:  # the head's loss was not in this backward
+            grad_weight = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_out.device)
+        rows = grad_out.reshape(-1, grad_out.size(-1)).to(grad_weight.dtype)
+        grad_weight.index_add_(0, idx.reshape(-1), rows)
+        return None, grad_weight, None
 
 
 # Rows of logits computed at once by the loss: 128 rows of GPT-2's 50k vocabulary are 26 MB in float32. Measured
@@ -237,7 +275,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
-                group_rows: int) -> torch.Tensor:
+                group_rows: int, tied: TiedGradient | None, tied_dtype: torch.dtype) -> torch.Tensor:
         valid = targets != -1  # ignore_index=-1, as F.cross_entropy(ignore_index=-1)
         n_valid = valid.sum()
         safe_targets = targets.clamp(min=0)[:, None]  # (N, 1)
@@ -262,22 +300,31 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                 # this orientation than grad_logits.T @ x (219 vs 305 ms at SMALL, bf16, 2 cores)
                 grad_weight_t.addmm_(x[group].t(), group_grad_logits)
         ctx.save_for_backward(grad_x, grad_weight_t)
+        ctx.tied, ctx.tied_dtype = tied, tied_dtype
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_x, grad_weight_t = ctx.saved_tensors
-        scale = grad_loss.to(grad_x.dtype)
-        return grad_x * scale, grad_weight_t.t() * scale, None, None, None
+        grad_x = grad_x.float().mul_(grad_loss)  # the scale in float32: 1/5 is 0.2002 in bf16
+        if ctx.tied is None:
+            return grad_x, grad_weight_t.t().float().mul_(grad_loss), None, None, None, None, None
+        # in the parameter's own dtype and layout, ready to become its .grad without another copy
+        grad_weight = torch.empty(grad_weight_t.t().shape, dtype=ctx.tied_dtype, device=grad_weight_t.device)
+        ctx.tied.grad = grad_weight.copy_(grad_weight_t.t()).mul_(grad_loss)
+        return grad_x, None, None, None, None, None, None
 
 
 def lm_head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_rows: int | None = None, group_rows: int | None = None) -> torch.Tensor:
+                          chunk_rows: int | None = None, group_rows: int | None = None,
+                          tied: TiedGradient | None = None) -> torch.Tensor:
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) for x (N, C), weight (vocab, C), without (N, vocab).
 
     Under autocast the matmuls run in the autocast dtype (as nn.Linear would) and the loss in float32.
+    With `tied`, weight's gradient is left there for a _TiedEmbedding of the same weight instead of returned.
     """
     chunk_rows = chunk_rows or LOSS_CHUNK_ROWS
+    tied_dtype = weight.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
@@ -287,7 +334,7 @@ def lm_head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
             logits = (x[start:start + chunk_rows] @ weight.t()).float()
             total += F.cross_entropy(logits, targets[start:start + chunk_rows], ignore_index=-1, reduction="sum")
         return total / (targets != -1).sum()
-    return _ChunkedLMHeadLoss.apply(x, weight, targets, chunk_rows, group_rows or LOSS_GROUP_ROWS)
+    return _ChunkedLMHeadLoss.apply(x, weight, targets, chunk_rows, group_rows or LOSS_GROUP_ROWS, tied, tied_dtype)
 
 
 def count_parameters(config: ModelConfig) -> int:

@@ -178,3 +178,19 @@ def test_model_loss_equals_cross_entropy_of_its_logits_with_the_same_gradients()
     assert torch.allclose(model(x, y), plain, atol=1e-6)
     for name, p in model.named_parameters():
         assert torch.allclose(chunked[name], p.grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_tied_weight_gradient_of_scaled_micro_steps_accumulates_like_the_plain_ops():
+    # the loss's backward leaves the head's gradient for the embedding's backward to add its rows into: over two
+    # scaled backward passes (gradient accumulation) .grad must still be the sum of both, each counted once
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    batches = [(torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16)), scale) for scale in (0.5, 0.25)]
+    for x, y, scale in batches:
+        (model(x, y) * scale).backward()
+    tied = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    for x, y, scale in batches:
+        (F.cross_entropy(model(x).view(-1, 100), y.view(-1)) * scale).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(tied[name], p.grad, atol=1e-6, rtol=1e-5), name
