@@ -194,3 +194,23 @@ def test_tied_weight_gradient_of_scaled_micro_steps_accumulates_like_the_plain_o
         (F.cross_entropy(model(x).view(-1, 100), y.view(-1)) * scale).backward()
     for name, p in model.named_parameters():
         assert torch.allclose(tied[name], p.grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_attention_as_matmuls_on_the_cpu_in_bf16_matches_the_fused_kernel(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16).bfloat16().requires_grad_() for _ in range(3))
+    grad_out = torch.randn(2, 3, 40, 16)
+    # the float32 fused kernel, taken before the bf16 path below is made to refuse it
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want = F.scaled_dot_product_attention(q32, k32, v32, is_causal=True)
+    want_grads = torch.autograd.grad(want, (q32, k32, v32), grad_out)
+
+    def fused_kernel_not_expected(*args, **kwargs):
+        raise AssertionError("bf16 on the CPU at this context should run as matmuls")
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fused_kernel_not_expected)
+    got = model_module.causal_attention(q, k, v, dropout=0.0)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad_out.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want, atol=3e-2)  # bf16 keeps ~3 significant digits
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g.float(), w, atol=5e-2)
