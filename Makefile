@@ -97,7 +97,7 @@ export: $(VENV)/.installed ## Write a checkpoint as a transformers GPT-2 folder 
 plot: $(VENV)/.installed ## Plot the loss curves of the latest run (RUN=NAME for another) to loss.png
 	$(PY) plot.py $(if $(RUN),--run=$(RUN))
 
-bench: $(VENV)/.installed ## Benchmark training, decoding, matmul peak, tokenisation to bench.json (ARGS="--quick")
+bench: $(VENV)/.installed ## Benchmark training, decoding, attention, matmul peak, tokenisation to bench.json (ARGS="--quick")
 	$(PY) bench.py $(ARGS)
 
 info: $(VENV)/.installed ## Parameters, FLOPs per token and training memory of a config (PRESET=..., ARGS=...)

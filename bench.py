@@ -1,4 +1,4 @@
-"""Benchmarks: matmul peak, training tokens/s / MFU / peak RSS, decode tokens/s and tokenisation MB/s, in one run.
+"""Benchmarks: matmul peak; training speed, MFU and peak RSS; decode, attention and tokenisation speed; one run.
 
     python bench.py                          # the full table (several minutes on 2 CPU cores), writes bench.json
     python bench.py --quick                  # eager training only, fewer steps, shorter decode (about a minute)
@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 from config import PRESETS, ModelConfig, UserError, parse_args, run_cli
-from model import flops_per_token
+from model import flops_per_token, matmul_causal_attention
 from runtime import measure_matmul_peak
 
 ROOT = Path(__file__).resolve().parent
@@ -152,6 +153,33 @@ def bench_decode(repeats: int, new_tokens: int) -> dict:
             "new_tokens": new_tokens, "block_size": PRESETS["small"]().model.block_size}
 
 
+# One layer's causal attention (batch, heads, context, head size, dtype), either side of the rule by which
+# model.causal_attention runs it as matmuls on the CPU (bf16, context up to 512) or with the fused kernel.
+ATTENTION_SHAPES = {"small bf16": (8, 6, 256, 64, torch.bfloat16), "tiny bf16": (12, 4, 128, 32, torch.bfloat16),
+                    "context 1024 bf16": (2, 12, 1024, 64, torch.bfloat16),
+                    "small float32": (8, 6, 256, 64, torch.float32)}
+
+
+def bench_attention(repeats: int, calls: int = 5) -> dict:
+    """Forward + backward ms of one layer's causal attention as matmuls and as the fused kernel, interleaved."""
+    results = {}
+    for label, (batch, heads, context, head_size, dtype) in ATTENTION_SHAPES.items():
+        q, k, v = (torch.randn(batch, heads, context, head_size, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad_out = torch.randn_like(q)
+        ways = {"matmuls": lambda: matmul_causal_attention(q, k, v, dropout=0.0),
+                "fused": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        times = {way: [] for way in ways}
+        for repeat in range(repeats + 1):  # round 0 warms up
+            for way, attend in ways.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    torch.autograd.grad(attend(), (q, k, v), grad_out)
+                if repeat:
+                    times[way].append((time.perf_counter() - start) * 1e3 / calls)
+        results[label] = {way: vars(Spread.of(values)) for way, values in times.items()}
+    return results
+
+
 def bench_tokenization(data_dir: Path, megabytes: float) -> dict | None:
     """GPT-2 tokenisation MB/s (data.bench_tokenization) on text decoded back from the training tokens."""
     try:
@@ -255,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
         decode = bench_decode(repeats if not quick else 1, decode_tokens)
         report["decode_tokens_per_s"] = {k: vars(v) if isinstance(v, Spread) else v for k, v in decode.items()}
 
+        print("attention ...", file=sys.stderr)
+        report["attention_ms"] = bench_attention(repeats)
+
         print("tokenisation ...", file=sys.stderr)
         report["tokenization"] = bench_tokenization(data_dir, 0.5 if quick else 2.0)
 
@@ -299,6 +330,10 @@ def print_table(report: dict) -> None:
     cached, uncached = Spread(**decode["with_cache"]), Spread(**decode["without_cache"])
     print(f"decode SMALL (block {decode['block_size']}), {decode['new_tokens']} new tokens, float32: with KV cache "
           f"{cached.show()} tokens/s, without {uncached.show()} tokens/s, {cached.median / uncached.median:.1f}x")
+    attention = report["attention_ms"]
+    print("attention forward + backward, one layer, ms: " + "; ".join(
+        f"{label} matmuls {Spread(**ways['matmuls']).show()} fused {Spread(**ways['fused']).show()} "
+        f"({ways['matmuls']['median'] / ways['fused']['median']:.2f}x)" for label, ways in attention.items()))
     tokens = report.get("tokenization")
     if tokens:
         print(f"tokenisation ({tokens['megabytes']:.1f} MB): per-line loop {tokens['per_line_loop_mb_s']:.1f} MB/s, "

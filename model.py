@@ -46,19 +46,25 @@ class KVCache:
 
 
 # On the CPU in bf16, the fused attention kernel is slower than two batched matmuls and a softmax for short
-# contexts. Forward + backward of one layer on 2 cores: SMALL (batch 8, 6 heads, T 256) 11.0 against 30.6 ms,
-# TINY (12, 4, 128) 2.2 against 8.8, T 512 23 against 40; at T 1024, or in float32, the fused kernel is faster.
+# contexts. Forward + backward of one layer on 2 cores (bench.py's attention line, two runs): SMALL (batch 8, 6 heads,
+# T 256) 16.2 against 27.2 and 16.8 against 24.6 ms, TINY (12, 4, 128) 2.2 against 9.0; T 512 23 against 40 (once);
+# at T 1024 (139 against 98 ms), or in float32 (28.0 against 22.4 at SMALL), the fused kernel wins.
 MATMUL_ATTENTION_MAX_CONTEXT = 512
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-    """F.scaled_dot_product_attention(q, k, v, is_causal=True) for q, k, v (B, nh, T, hs); where measured to pay
-    (above), as matmuls, whose scores are rounded to bf16 as any bf16 matmul's output (the fused kernel keeps them
-    in float32 until the softmax)."""
+    """F.scaled_dot_product_attention(q, k, v, is_causal=True) for q, k, v (B, nh, T, hs), run as matmuls where
+    that was measured to pay (above)."""
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(2) <= MATMUL_ATTENTION_MAX_CONTEXT
+            and not torch.compiler.is_compiling()):
+        return matmul_causal_attention(q, k, v, dropout)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+
+
+def matmul_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Causal attention as two batched matmuls and a softmax. The scores are rounded to q's dtype, as any matmul's
+    output is (the fused kernel keeps them in float32 until the softmax)."""
     B, n_head, T, head_size = q.shape
-    if (q.device.type != "cpu" or q.dtype != torch.bfloat16 or T > MATMUL_ATTENTION_MAX_CONTEXT
-            or torch.compiler.is_compiling()):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # added: masks the future
     q, k, v = (t.reshape(B * n_head, T, head_size) for t in (q, k, v))
     scores = torch.baddbmm(future, q, k.transpose(1, 2), alpha=head_size ** -0.5)  # (B * nh, T, T)
