@@ -156,6 +156,7 @@ def bench_decode(repeats: int, new_tokens: int) -> dict:
 # One layer's causal attention (batch, heads, context, head size, dtype), either side of the rule by which
 # model.causal_attention runs it as matmuls on the CPU (bf16, context up to 512) or with the fused kernel.
 ATTENTION_SHAPES = {"small bf16": (8, 6, 256, 64, torch.bfloat16), "tiny bf16": (12, 4, 128, 32, torch.bfloat16),
+                    "context 512 bf16": (4, 6, 512, 64, torch.bfloat16),
                     "context 1024 bf16": (2, 12, 1024, 64, torch.bfloat16),
                     "small float32": (8, 6, 256, 64, torch.float32)}
 

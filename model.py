@@ -46,9 +46,9 @@ class KVCache:
 
 
 # On the CPU in bf16, the fused attention kernel is slower than two batched matmuls and a softmax for short
-# contexts. Forward + backward of one layer on 2 cores (bench.py's attention line, two runs): SMALL (batch 8, 6 heads,
-# T 256) 16.2 against 27.2 and 16.8 against 24.6 ms, TINY (12, 4, 128) 2.2 against 9.0; T 512 23 against 40 (once);
-# at T 1024 (139 against 98 ms), or in float32 (28.0 against 22.4 at SMALL), the fused kernel wins.
+# contexts. Forward + backward of one layer on 2 cores (`bench.py --quick`, its attention line): SMALL (batch 8,
+# 6 heads, T 256) 17.3 against 31.2 ms, TINY (12, 4, 128) 2.6 against 9.9, T 512 37.7 against 45.8; at T 1024
+# (139.9 against 97.5), or in float32 (24.4 against 21.9 at SMALL), the fused kernel wins.
 MATMUL_ATTENTION_MAX_CONTEXT = 512
 
 
