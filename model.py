@@ -181,10 +181,11 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        # The LM head's chunked loss and the token embedding share one weight; in training they also share its
-        # gradient's memory (see TiedGradient), unless torch.compile traces the model (it keeps the plain ops).
-        tied = TiedGradient() if targets is not None and torch.is_grad_enabled() and \
-            not torch.compiler.is_compiling() else None
+        # The LM head's chunked loss and the token embedding share one weight; in training on the CPU, where it was
+        # measured to pay, they also share its gradient's memory (see TiedGradient). Elsewhere (and when
+        # torch.compile traces the model) the plain ops run; CUDA's index_add_ would add in a nondeterministic order.
+        tied = TiedGradient() if (targets is not None and torch.is_grad_enabled() and idx.device.type == "cpu"
+                                  and not torch.compiler.is_compiling()) else None
         tokens = _TiedEmbedding.apply(idx, self.transformer.wte.weight, tied) if tied else self.transformer.wte(idx)
         x = self.transformer.drop(tokens + self.transformer.wpe(positions))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
