@@ -184,8 +184,9 @@ class GPT(nn.Module):
         # The LM head's chunked loss and the token embedding share one weight; in training on the CPU, where it was
         # measured to pay, they also share its gradient's memory (see TiedGradient). Elsewhere (and when
         # torch.compile traces the model) the plain ops run; CUDA's index_add_ would add in a nondeterministic order.
-        tied = TiedGradient() if (targets is not None and torch.is_grad_enabled() and idx.device.type == "cpu"
-                                  and not torch.compiler.is_compiling()) else None
+        share_gradient = (targets is not None and torch.is_grad_enabled() and idx.device.type == "cpu"
+                          and not torch.compiler.is_compiling())
+        tied = TiedGradient(self.transformer.wte.weight) if share_gradient else None
         tokens = _TiedEmbedding.apply(idx, self.transformer.wte.weight, tied) if tied else self.transformer.wte(idx)
         x = self.transformer.drop(tokens + self.transformer.wpe(positions))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
@@ -209,7 +210,8 @@ class TiedGradient:
     the looked-up rows into it in place and hands the sum to autograd as the weight's only gradient.
     """
 
-    def __init__(self):
+    def __init__(self, weight: torch.Tensor):
+        self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device  # the gradient's
         self.grad: torch.Tensor | None = None
 
 
@@ -219,15 +221,16 @@ class _TiedEmbedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx, idx: torch.Tensor, weight: torch.Tensor, tied: TiedGradient) -> torch.Tensor:
         ctx.save_for_backward(idx)
-        ctx.tied, ctx.weight_shape, ctx.weight_dtype = tied, weight.shape, weight.dtype
+        ctx.tied = tied
         return F.embedding(idx, weight)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (idx,) = ctx.saved_tensors
-        grad_weight, ctx.tied.grad = ctx.tied.grad, None
+        tied = ctx.tied
+        grad_weight, tied.grad = tied.grad, None
         if grad_weight is None:  # the head's loss was not in this backward
-            grad_weight = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_out.device)
+            grad_weight = torch.zeros(tied.shape, dtype=tied.dtype, device=tied.device)
         rows = grad_out.reshape(-1, grad_out.size(-1)).to(grad_weight.dtype)
         grad_weight.index_add_(0, idx.reshape(-1), rows)
         return None, grad_weight, None
@@ -303,7 +306,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
-                group_rows: int, tied: TiedGradient | None, tied_dtype: torch.dtype) -> torch.Tensor:
+                group_rows: int, tied: TiedGradient | None) -> torch.Tensor:
         valid = targets != -1  # ignore_index=-1, as F.cross_entropy(ignore_index=-1)
         n_valid = valid.sum()
         safe_targets = targets.clamp(min=0)[:, None]  # (N, 1)
@@ -328,7 +331,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                 # this orientation than grad_logits.T @ x (219 vs 305 ms at SMALL, bf16, 2 cores)
                 grad_weight_t.addmm_(x[group].t(), group_grad_logits)
         ctx.save_for_backward(grad_x, grad_weight_t)
-        ctx.tied, ctx.tied_dtype = tied, tied_dtype
+        ctx.tied = tied
         return total / n_valid
 
     @staticmethod
@@ -336,11 +339,12 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         grad_x, grad_weight_t = ctx.saved_tensors
         grad_x = grad_x.float().mul_(grad_loss)  # small: scaled in float32 (1/5 is 0.2002 in bf16)
         if ctx.tied is None:  # in weight's dtype, as autograd wants it
-            return grad_x, grad_weight_t.t() * grad_loss.to(grad_weight_t.dtype), None, None, None, None, None
+            return grad_x, grad_weight_t.t() * grad_loss.to(grad_weight_t.dtype), None, None, None, None
         # in the parameter's own dtype and layout, ready to become its .grad without another copy
-        grad_weight = torch.empty(grad_weight_t.t().shape, dtype=ctx.tied_dtype, device=grad_weight_t.device)
-        ctx.tied.grad = grad_weight.copy_(grad_weight_t.t()).mul_(grad_loss)
-        return grad_x, None, None, None, None, None, None
+        tied = ctx.tied
+        tied.grad = torch.empty(tied.shape, dtype=tied.dtype, device=tied.device).copy_(grad_weight_t.t())
+        tied.grad.mul_(grad_loss)
+        return grad_x, None, None, None, None, None
 
 
 def lm_head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -352,7 +356,6 @@ def lm_head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
     With `tied`, weight's gradient is left there for a _TiedEmbedding of the same weight instead of returned.
     """
     chunk_rows = chunk_rows or LOSS_CHUNK_ROWS
-    tied_dtype = weight.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
@@ -362,7 +365,7 @@ def lm_head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
             logits = (x[start:start + chunk_rows] @ weight.t()).float()
             total += F.cross_entropy(logits, targets[start:start + chunk_rows], ignore_index=-1, reduction="sum")
         return total / (targets != -1).sum()
-    return _ChunkedLMHeadLoss.apply(x, weight, targets, chunk_rows, group_rows or LOSS_GROUP_ROWS, tied, tied_dtype)
+    return _ChunkedLMHeadLoss.apply(x, weight, targets, chunk_rows, group_rows or LOSS_GROUP_ROWS, tied)
 
 
 def count_parameters(config: ModelConfig) -> int:
