@@ -31,7 +31,9 @@ import torch.nn.functional as F
 
 import data
 from config import PRESETS, ModelConfig, UserError, parse_args, run_cli
-from model import flops_per_token, matmul_causal_attention
+from fast import lay_out_for_decoding, matmul_causal_attention
+from generate import Sampling, generate
+from model import GPT, flops_per_token
 from runtime import measure_matmul_peak
 
 ROOT = Path(__file__).resolve().parent
@@ -40,6 +42,8 @@ OPTIONS = {
     "repeats": 0,  # 0: 3 for the matmul peak and decode, 1 for training (each run's steps are its repeats)
     "steps": 0,  # training steps per run; 0: a default per preset
     "nanogpt_dir": "",  # a nanoGPT checkout: run its train.py at the same configs, side by side
+    "baseline_dir": "",  # another checkout of this repository (e.g. the commit before a change): its train.py at
+    # the defaults (bf16, eager), alternating with ours
     "out": "bench.json",
     "decode_tokens": 0,  # 0: 512 (128 with --quick)
     "rss_data_scale": 20,  # also train TINY on a token file this many times larger, to show RSS is flat in it; 0: skip
@@ -106,7 +110,7 @@ def nanogpt_data_dir(requested: str, workdir: Path, scale: int = 1) -> Path:
 
 
 def our_command(preset: str, dtype: str, compile_mode: str, steps: int, data_dir: Path, out_dir: Path,
-                eval_iters: int) -> list[str]:
+                eval_iters: int, root: Path = ROOT, extra: tuple[str, ...] = ()) -> list[str]:
     shape = SHAPES[preset]
     args = [f"--{k}={v}" for k, v in {**shape, **SCHEDULE}.items()]
     args += [f"--preset={preset}", "--dropout=0.0", "--gradient_accumulation_steps=1", f"--max_iters={steps}",
@@ -114,7 +118,7 @@ def our_command(preset: str, dtype: str, compile_mode: str, steps: int, data_dir
              f"--eval_interval={steps}", f"--eval_iters={eval_iters}", "--device=cpu", f"--dtype={dtype}"]
     if compile_mode != "default":
         args.append(f"--compile={compile_mode}")
-    return [sys.executable, str(ROOT / "train.py"), *args]
+    return [sys.executable, str(root / "train.py"), *args, *extra]
 
 
 def nanogpt_command(nanogpt_dir: Path, preset: str, compile_mode: bool, steps: int, data_dir: Path, out_dir: Path,
@@ -146,16 +150,64 @@ def bench_matmul(repeats: int) -> dict[str, list[float]]:
     return peaks
 
 
+def decode_speed(model: GPT, use_cache: bool, new_tokens: int, batch_size: int = 1, prompt_tokens: int = 16,
+                 seed: int = 1337) -> float:
+    """Decode tokens/s (all rows, prompt excluded) sampling at temperature 1 from a random prompt.
+
+    The prompt and the sampling settings depend only on the arguments, so a run with and one without the cache
+    do the same work but for the cache. A short warm-up run first keeps one-time costs out of the number.
+    """
+    device = model.lm_head.weight.device
+    prompt_generator = torch.Generator(device="cpu").manual_seed(seed)
+    prompt = torch.randint(model.config.vocab_size, (batch_size, prompt_tokens), generator=prompt_generator)
+    prompt = prompt.to(device)
+    sampling = Sampling(temperature=1.0)
+    generate(model, prompt, min(new_tokens, 8), sampling, torch.Generator(device).manual_seed(seed), use_cache)
+    result = generate(model, prompt, new_tokens, sampling, torch.Generator(device).manual_seed(seed), use_cache)
+    return result.decoded_tokens / result.decode_seconds
+
+
+def compare_decode_speeds(device: torch.device, dtype: torch.dtype, new_tokens: int, rounds: int,
+                          say=lambda use_cache, speed: None) -> dict[bool, list[float]]:
+    """Decode tokens/s with (True) and without (False) the cache for the small preset's model, random weights, laid
+    out as generate.py decodes, same prompt and settings; `say` hears each measurement as it comes.
+
+    The two paths alternate: on a CPU shared with other work, a burst of load then slows both alike instead of
+    whichever happened to run during it.
+    """
+    torch.manual_seed(0)
+    model = lay_out_for_decoding(GPT(PRESETS["small"]().model).to(device=device, dtype=dtype).eval())
+    speeds: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for use_cache in (True, False):
+            speeds[use_cache].append(decode_speed(model, use_cache=use_cache, new_tokens=new_tokens))
+            say(use_cache, speeds[use_cache][-1])
+    return speeds
+
+
 def bench_decode(repeats: int, new_tokens: int) -> dict:
     """KV-cached vs whole-context decoding, SMALL preset (block 512), float32, random weights, interleaved."""
-    from generate import compare_decode_speeds
     speeds = compare_decode_speeds(torch.device("cpu"), torch.float32, new_tokens, repeats)
     return {"with_cache": Spread.of(speeds[True]), "without_cache": Spread.of(speeds[False]),
             "new_tokens": new_tokens, "block_size": PRESETS["small"]().model.block_size}
 
 
+def print_decode_speeds(device: torch.device, dtype: torch.dtype, new_tokens: int = 512, rounds: int = 2) -> None:
+    """`python generate.py --bench`: decode tokens/s with and without the cache (the best round of each)."""
+    model_config = PRESETS["small"]().model
+    print(f"small preset: {model_config.n_layer} layers, {model_config.n_embd} wide, block {model_config.block_size}, "
+          f"vocab {model_config.vocab_size}, random weights; {new_tokens} new tokens after a 16-token prompt, batch 1; "
+          f"{device}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads", file=sys.stderr)
+    speeds = compare_decode_speeds(device, dtype, new_tokens, rounds, say=lambda use_cache, speed: print(
+        f"  {'with' if use_cache else 'without'} cache: {speed:.1f} tokens/s", file=sys.stderr))
+    cached, uncached = max(speeds[True]), max(speeds[False])
+    print(f"decode with KV cache: {cached:.1f} tokens/s")
+    print(f"decode without cache: {uncached:.1f} tokens/s")
+    print(f"speed-up: {cached / uncached:.1f}x")
+
+
 # One layer's causal attention (batch, heads, context, head size, dtype), either side of the rule by which
-# model.causal_attention runs it as matmuls on the CPU (bf16, context up to 512) or with the fused kernel.
+# fast.MatmulCausalSelfAttention runs it as matmuls on the CPU (bf16, context up to 512) or with the fused kernel.
 ATTENTION_SHAPES = {"small bf16": (8, 6, 256, 64, torch.bfloat16), "tiny bf16": (12, 4, 128, 32, torch.bfloat16),
                     "context 512 bf16": (4, 6, 512, 64, torch.bfloat16),
                     "context 1024 bf16": (2, 12, 1024, 64, torch.bfloat16),
@@ -201,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     nanogpt_dir = Path(options["nanogpt_dir"]).expanduser() if options["nanogpt_dir"] else None
     if nanogpt_dir is not None and not (nanogpt_dir / "train.py").exists():
         raise UserError(f"--nanogpt_dir={nanogpt_dir} has no train.py; point it at a nanoGPT checkout")
+    baseline_dir = Path(options["baseline_dir"]).expanduser().resolve() if options["baseline_dir"] else None
+    if baseline_dir is not None and not (baseline_dir / "train.py").exists():
+        raise UserError(f"--baseline_dir={baseline_dir} has no train.py; point it at a checkout of this repository")
     eval_iters = 5 if quick else 20
     decode_tokens = options["decode_tokens"] or (128 if quick else 512)
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -216,26 +271,32 @@ def main(argv: list[str] | None = None) -> None:
         print("matmul peak ...", file=sys.stderr)
         peak_samples = bench_matmul(repeats)
 
-        runs = []  # (label, preset, dtype, compile, is_nanogpt)
+        runs = []  # (preset, dtype, compile, program)
         for preset in SHAPES:
             for dtype in ("float32", "bfloat16"):
                 for compile_mode in (("False",) if quick else ("False", "True")):
-                    runs.append((preset, dtype, compile_mode, False))
+                    runs.append((preset, dtype, compile_mode, "ours"))
+            runs.append((preset, "bfloat16", "False", "plain"))  # --fast_kernels=False: what fast.py is worth
+            if baseline_dir is not None:
+                runs.append((preset, "bfloat16", "False", "baseline"))
             if nanogpt_dir is not None:
                 for compile_mode in ((False,) if quick else (False, True)):
-                    runs.append((preset, "float32", compile_mode, True))
+                    runs.append((preset, "float32", compile_mode, "nanoGPT"))
         results: dict[tuple, dict] = {}
         for repeat in range(train_repeats):
-            for preset, dtype, compile_mode, is_nanogpt in runs:
+            for preset, dtype, compile_mode, who in runs:
+                is_nanogpt = who == "nanoGPT"
                 steps = options["steps"] or {"tiny": 8 if quick else 20, "small": 5 if quick else 10}[preset]
                 out_dir = workdir / f"run-{len(results)}-{repeat}"
                 if is_nanogpt:
                     command = nanogpt_command(nanogpt_dir, preset, compile_mode, steps, data_dir, out_dir, eval_iters)
                 else:
-                    command = our_command(preset, dtype, compile_mode, steps, data_dir, out_dir, eval_iters)
-                who = "nanoGPT" if is_nanogpt else "ours"
+                    command = our_command(preset, dtype, compile_mode, steps, data_dir, out_dir, eval_iters,
+                                          root=baseline_dir if who == "baseline" else ROOT,
+                                          extra=("--fast_kernels=False",) if who == "plain" else ())
                 print(f"train {who} {preset} {dtype} compile={compile_mode} ({steps} steps) ...", file=sys.stderr)
-                code, output, rss_mb, wall = run_measured(command, nanogpt_dir if is_nanogpt else ROOT)
+                code, output, rss_mb, wall = run_measured(command, {"nanoGPT": nanogpt_dir,
+                                                                     "baseline": baseline_dir}.get(who, ROOT))
                 if code != 0:
                     print(output[-3000:], file=sys.stderr)
                     raise UserError(f"{' '.join(command)} failed with exit code {code}")
@@ -331,6 +392,14 @@ def print_table(report: dict) -> None:
                   f"ours fastest {ours['step_ms']['median'] / theirs['step_ms']['median']:.2f}x, "
                   f"ours at defaults {default['step_ms']['median'] / theirs['step_ms']['median']:.2f}x; "
                   f"peak RSS {default['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x")
+    for preset in SHAPES:
+        rows = {r["program"]: r for r in report["training"] if r["preset"] == preset and r["dtype"] == "bfloat16"
+                and r["compile"] == "False"}
+        for other, meaning in (("plain", "model.py's plain path (--fast_kernels=False)"),
+                               ("baseline", "the --baseline_dir checkout")):
+            if "ours" in rows and other in rows:
+                print(f"{preset}: time/step at the defaults vs {meaning}: "
+                      f"{rows['ours']['step_ms']['median'] / rows[other]['step_ms']['median']:.2f}x")
     if "rss_vs_data_size" in report:
         print("peak RSS vs token file size: " + ", ".join(
             f"{label} ({v['train_tokens']:,} tokens) {v['peak_rss_mb']:.0f} MB"

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
+import random
 import re
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from config import Config, UserError
+import atomic
+from config import Config, ModelConfig, UserError, error_summary
 from model import GPT
 
 CHECKPOINTS_ROOT = Path("checkpoints")
@@ -48,33 +53,12 @@ class _HashingWriter:
 
 
 def _write_atomic(path: Path, write) -> None:
-    """Write through a temp file in the same folder, fsync, rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """atomic.write_atomic, with a full disk or a permission problem said as one line naming the file."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic.write_atomic(path, write)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not save {path}: {err.strerror or err}; the previous checkpoint is untouched "
                         "(free some disk space, then continue with --resume)") from None
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def manifest_path(path: Path) -> Path:
@@ -137,8 +121,7 @@ def load_checkpoint(path: Path, verify: bool = True) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({first_line[:200]}); it may be truncated or "
+        raise UserError(f"{path} is not a readable checkpoint ({error_summary(err)}); it may be truncated or "
                         "not a file written by train.py") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint written by this project's train.py (no '{FORMAT}' marker)")
@@ -290,3 +273,88 @@ def model_from_checkpoint(payload: dict) -> tuple[GPT, Config]:
                         "architecture or is damaged")
     model.load_state_dict(state)
     return model, config
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to use (on the CPU, float32), where it came from, and what it was trained with."""
+
+    model: GPT
+    tokenizer: dict  # {"name": "gpt2"} or {"name": "char", "chars": ...}, as checkpoints store it
+    source: str  # the checkpoint's path, or the pretrained name or folder
+    saved_config: Config | None = None  # a checkpoint's whole config; None for pretrained weights
+    trained_on: str | None = None  # the data set's name at training time, when the checkpoint recorded it
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+
+def load_model(init_from: str = "scratch", ckpt: str = "", run: str = "", dropout: float = 0.0) -> LoadedModel:
+    """The one place that decides where a model comes from: OpenAI's GPT-2 or a Hugging Face folder
+    (--init_from=gpt2|PATH), else a checkpoint (--ckpt=PATH, --run=NAME, or the latest run's best)."""
+    if init_from != "scratch":
+        import hf  # safetensors and the Hub client only when asked for
+        model, _ = hf.load_pretrained(init_from, dropout=dropout)
+        return LoadedModel(model, hf.pretrained_tokenizer(init_from), init_from)
+    path = resolve_checkpoint(ckpt=ckpt, run=run)
+    payload = load_checkpoint(path)
+    for key in ("config", "model"):
+        if key not in payload:
+            raise UserError(f"{path} has no '{key}' entry; it was not written by train.py or is damaged")
+    model, config = model_from_checkpoint(payload)
+    tokenizer = payload.get("tokenizer") or {"name": config.data.tokenizer}
+    return LoadedModel(model, tokenizer, str(path), config, (payload.get("dataset") or {}).get("name"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random number generators: saved with each checkpoint so that a resumed run draws the same dropout masks
+
+
+def rng_state() -> dict:
+    """The global RNGs (dropout, anything random) as tensors and plain values, which weights_only loading accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": _python_rng_to_tensor(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_rng_to_tensor(state: tuple) -> dict:
+    version, internal, gauss = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss if gauss is not None else float("nan")}
+
+
+def set_rng_state(state: dict) -> None:
+    python = state["python"]
+    gauss = None if math.isnan(python["gauss"]) else python["gauss"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), gauss))
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's, Python's and numpy's global RNGs (numpy takes 32 bits)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def restore_rank_rng(saved: dict, rank: int, seed: int, step: int) -> None:
+    """Each rank takes back its own RNG (dropout masks). A rank the saved run did not have (it ran on fewer
+    processes) gets a fresh seed from (seed, rank, step) instead of a copy of another rank's stream."""
+    per_rank = saved.get("rng_per_rank") or [saved["rng"]]
+    if rank < len(per_rank):
+        set_rng_state(per_rank[rank])
+        return
+    seed_everything(seed + 1_000_003 * step + rank)

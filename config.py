@@ -28,6 +28,22 @@ class ConfigError(UserError):
     """A config value is invalid; the message names the field, the value and the fix."""
 
 
+def error_summary(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type's name), for a one-line report."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    """--name=True/False (also 1/0, yes/no, on/off), or a ConfigError naming the option."""
+    lowered = str(raw).lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"--{name}={raw} is not a boolean; use --{name}=True or --{name}=False")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50257  # GPT-2's BPE; replaced by the tokenizer's size when the data says otherwise
@@ -74,6 +90,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     dtype: str = "auto"  # auto: bfloat16 where the device supports it, else float16 on CUDA, else float32
     compile: bool | None = None  # None: use torch.compile where it pays off (see train.py)
+    fast_kernels: bool = True  # the CPU fast paths of fast.py; False runs model.py's plain path
     device: str = "auto"  # auto: cuda, then mps, then cpu
     seed: int = 1337
     out_dir: str = ""  # empty: checkpoints/<run_name>
@@ -238,12 +255,7 @@ def _parse_value(key: str, raw: str, annotation):
         return None
     base = next(h for h in hints if h is not type(None))
     if base is bool:
-        lowered = raw.lower()
-        if lowered in ("true", "1", "yes", "on"):
-            return True
-        if lowered in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"--{key}={raw} is not a boolean; use --{key}=True or --{key}=False")
+        return parse_bool(key, raw)
     if base is int:
         try:
             return int(raw.replace("_", ""))
@@ -261,10 +273,6 @@ def _parse_value(key: str, raw: str, annotation):
         except ValueError:
             raise ConfigError(f"--{key}={raw} is not a number; use e.g. --{key}=3e-4") from None
     return raw
-
-
-def field_names() -> list[str]:
-    return list(_sections(Config())) + ["preset"]
 
 
 class ParsedArgs(typing.NamedTuple):

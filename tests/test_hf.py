@@ -12,6 +12,7 @@ import transformers  # test-only dependency (requirements-dev.txt): the referenc
 from safetensors.torch import load_file, save_file
 
 import hf
+import sources
 from checkpoint import save_checkpoint
 from config import Config, ModelConfig, UserError
 from model import GPT
@@ -218,7 +219,7 @@ def test_official_name_loads_from_the_local_cache_without_touching_the_network(s
         asked.append((repo, filename))
         return str(folder / filename)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", cached)
-    monkeypatch.setattr(hf, "_hub_reachable", lambda endpoint: pytest.fail("probed the Hub for cached files"))
+    monkeypatch.setattr(sources, "unreachable_reason", lambda *a: pytest.fail("probed the Hub for cached files"))
     ours, _ = hf.load_pretrained("gpt2-medium")
     assert asked == [("openai-community/gpt2-medium", "config.json"), ("openai-community/gpt2-medium",
                                                                         "model.safetensors")]
@@ -236,7 +237,7 @@ def test_failed_download_after_a_successful_probe_is_one_line(monkeypatch):
         raise OSError("HTTP 503 Service Unavailable\nretry later")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf, "_hub_reachable", lambda endpoint: None)
+    monkeypatch.setattr(sources, "unreachable_reason", lambda *a: None)
     with pytest.raises(UserError, match=r"downloading gpt2-xl from the Hugging Face Hub failed \(HTTP 503 Service "
                                         r"Unavailable\); pass a local folder") as err:
         hf.load_pretrained("gpt2-xl")

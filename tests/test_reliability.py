@@ -196,8 +196,8 @@ def test_resume_is_bitwise_exact_and_the_check_has_teeth(tmp_path):
 
     def resumed_weights(name: str, mutation: str) -> dict:
         run_train(tmp_path, *common, "--max_iters=8", f"--out_dir={name}")
-        code = (f"import sys, torch, train; {mutation}; sys.argv = ['train.py', '--resume', '--out_dir={name}', "
-                "'--max_iters=16']; train.run_cli(train.main)")
+        code = (f"import sys, torch, checkpoint, train; {mutation}; "
+                f"sys.argv = ['train.py', '--resume', '--out_dir={name}', '--max_iters=16']; train.run_cli(train.main)")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=180)
@@ -212,7 +212,7 @@ def test_resume_is_bitwise_exact_and_the_check_has_teeth(tmp_path):
     losses = {name: {r["step"]: r["train_loss"] for r in metrics(tmp_path / name, "train")} for name in ("straight",
                                                                                                       "exact")}
     assert sorted(losses["exact"]) == [4, 8, 12, 16] and losses["exact"] == losses["straight"]
-    assert not same(resumed_weights("no_rng", "train.set_rng_state = lambda state: None"), straight)
+    assert not same(resumed_weights("no_rng", "checkpoint.set_rng_state = lambda state: None"), straight)
     assert not same(resumed_weights("no_optimizer", "torch.optim.AdamW.load_state_dict = lambda self, s: None"),
                     straight)
 
@@ -245,9 +245,9 @@ def test_soak_400_steps_learns_without_leaking_and_keeps_keep_last_checkpoints(t
 
 
 NAN_AT_STEP = """
-import sys, torch, model, train
+import sys, torch, fast, train
 calls = [0]
-original = model.GPT.forward
+original = fast.FastGPT.forward  # the training forward on the CPU (fast.py's; the plain GPT's with fast kernels off)
 def forward(self, idx, targets=None, **kwargs):
     out = original(self, idx, targets, **kwargs)
     if targets is not None and self.training:
@@ -255,7 +255,7 @@ def forward(self, idx, targets=None, **kwargs):
         if calls[0] == {k}:  # the k-th training forward: step {k} - 1 with no accumulation
             return out * float("nan")
     return out
-model.GPT.forward = forward
+fast.FastGPT.forward = forward
 sys.argv = ["train.py"] + sys.argv[1:]
 train.run_cli(train.main)
 """

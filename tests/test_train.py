@@ -15,9 +15,10 @@ import torch
 
 import checkpoint
 from config import ModelConfig, TrainConfig, UserError
+from data import Batches
 from model import GPT
 from runtime import Runtime
-from train import Batches, learning_rate_at, make_optimizer, train_step, unigram_loss
+from train import learning_rate_at, make_optimizer, train_step, unigram_loss
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ("the king and queen walk to the castle . a knight rides north with his sword . "
