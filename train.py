@@ -140,7 +140,9 @@ def set_rng_state(state: dict) -> None:
                          numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU of the machine that saved it; torch fails on an index past this machine's GPUs, so a
+        # run saved on 8 GPUs and resumed on 1 restores the GPUs this machine has.
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 class StopRequest:
@@ -374,6 +376,14 @@ def resolve_global_batch(train: TrainConfig, world_size: int, overridden: frozen
     train.gradient_accumulation_steps = accumulation
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """The GradScaler's saved scale, where the run had one. A run saved without loss scaling (bf16 or float32, e.g.
+    on a CPU) and resumed in fp16 (a GPU without bf16, or --dtype=float16) starts from a fresh scale: torch refuses
+    to load the empty state of a disabled scaler into an enabled one."""
+    if saved or not scaler.is_enabled():
+        scaler.load_state_dict(saved)
+
+
 def restore_rank_rng(saved: dict, rank: int, seed: int, step: int) -> None:
     """Each rank takes back its own RNG (dropout masks). A rank the saved run did not have (it ran on fewer
     processes) gets a fresh seed from (seed, rank, step) instead of a copy of another rank's stream."""
@@ -464,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume_from is not None:
         model.load_state_dict(checkpoint.strip_wrapper_prefixes(resume_from["model"]))
         optimizer.load_state_dict(resume_from["optimizer"])
-        scaler.load_state_dict(resume_from["scaler"])
+        restore_scaler(scaler, resume_from["scaler"])
         state = TrainState(**resume_from["state"])
         batches.load_state_dict(resume_from["batches"][0])  # one shared stream, whatever the number of processes
         restore_rank_rng(resume_from, runtime.rank, config.train.seed, state.step)

@@ -1,0 +1,59 @@
+"""The CUDA decisions a CPU can check (torch.cuda stood in for where a GPU would answer).
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_gpu_check.py     # about 10 seconds
+"""
+
+import torch
+
+from model import lm_head_cross_entropy
+from runtime import pick_dtype
+from train import restore_scaler, rng_state, set_rng_state
+
+# --- CUDA decisions, with torch.cuda answering as a GPU would -------------------------------------------------------
+
+
+def test_auto_dtype_on_a_gpu_whose_bf16_is_only_emulated_is_fp16_with_a_grad_scaler(monkeypatch):
+    # torch.cuda.is_bf16_supported() says yes on a V100 or T4 (bf16 emulated, slow) unless emulation is excluded
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    dtype, reason = pick_dtype("auto", torch.device("cuda"))
+    assert dtype == torch.float16 and "GradScaler" in reason
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert pick_dtype("auto", torch.device("cuda"))[0] == torch.bfloat16
+
+
+def test_fp16_lm_head_gradient_stays_finite_at_the_grad_scalers_first_scale():
+    """On CUDA the LM-head loss hands back the weight's gradient itself (the CPU's tied path does not); in fp16 its
+    scaling by 2**16, one past float16's largest value, overflowed and lost the first step of every fp16 run."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, dtype=torch.float16, requires_grad=True)
+    weight = (torch.randn(100, 32) * 0.02).half().requires_grad_()
+    targets = torch.randint(0, 100, (64,))
+    (lm_head_cross_entropy(x, weight, targets) * 2.0**16).backward()
+    assert torch.isfinite(weight.grad).all() and torch.isfinite(x.grad).all()
+    weight_float = weight.detach().float().requires_grad_()  # the same loss in float32, unscaled
+    torch.nn.functional.cross_entropy(x.detach().float() @ weight_float.t(), targets).backward()
+    error = (weight.grad.float() / 2.0**16 - weight_float.grad).norm() / weight_float.grad.norm()
+    assert error < 1e-2
+
+
+def test_an_fp16_resume_of_a_run_saved_without_loss_scaling_starts_from_a_fresh_scale():
+    unscaled = torch.amp.GradScaler("cpu", enabled=False).state_dict()  # {}: a bf16 or float32 run's
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    restore_scaler(scaler, unscaled)  # torch's load_state_dict raises here
+    assert scaler.get_scale() == 2.0**16
+    saved = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0).state_dict()
+    restore_scaler(scaler, saved)
+    assert scaler.get_scale() == 1024.0
+    restore_scaler(torch.amp.GradScaler("cpu", enabled=False), saved)  # an fp16 run resumed in bf16: ignored
+
+
+def test_a_checkpoints_cuda_rng_restores_only_the_gpus_this_machine_has(monkeypatch):
+    state = rng_state()
+    one, two = torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)
+    state["cuda"] = [one, two]  # saved on a machine with two GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    set_rng_state(state)
+    assert len(restored) == 1 and restored[0] is one
