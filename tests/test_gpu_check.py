@@ -1,13 +1,50 @@
-"""The CUDA decisions a CPU can check (torch.cuda stood in for where a GPU would answer).
+"""gpu_check.py on a machine without CUDA, and the CUDA decisions a CPU can check (torch.cuda stood in for where a GPU
+would answer).
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_gpu_check.py     # about 10 seconds
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
+from bench import datasheet_bf16_peak
 from model import lm_head_cross_entropy
 from runtime import pick_dtype
 from train import restore_scaler, rng_state, set_rng_state
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without CUDA; with a GPU, run make gpu-check")
+def test_gpu_check_without_cuda_says_what_it_skipped_writes_its_results_and_exits_zero(tmp_path):
+    out = tmp_path / "results" / "gpu_check.json"
+    done = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), f"--out={out}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    skipped_lines = [line for line in done.stdout.splitlines() if line.startswith("skipped:")]
+    assert len(skipped_lines) == 1
+    assert "GPU training benchmark" in skipped_lines[0] and "decode speed" in skipped_lines[0]
+    assert "CPU-only build" in skipped_lines[0] or "sees no CUDA GPU" in skipped_lines[0]
+    report = json.loads(out.read_text())
+    tests = report["cuda_tests"]
+    assert tests["exit_code"] == 0 and tests["counts"]["skipped"] >= 10 and "passed" not in tests["counts"]
+    assert report["cuda_available"] is False and report["passed"] is True
+    assert "gpu_training" not in report and report["skipped"]["reason"] in skipped_lines[0]
+    assert out.with_suffix(".txt").read_text().splitlines()[-1] == skipped_lines[0]
+
+
+def test_datasheet_peak_tells_the_h100_sxm_from_its_slower_pcie_part():
+    assert datasheet_bf16_peak("NVIDIA H100 80GB HBM3") == 989.4e12  # the SXM part's name
+    assert datasheet_bf16_peak("NVIDIA H200") == 989.4e12
+    assert datasheet_bf16_peak("NVIDIA A100-SXM4-80GB") == datasheet_bf16_peak("NVIDIA A100-PCIE-40GB") == 312e12
+    assert datasheet_bf16_peak("NVIDIA H100 PCIe") is None and datasheet_bf16_peak("Tesla T4") is None
+
 
 # --- CUDA decisions, with torch.cuda answering as a GPU would -------------------------------------------------------
 
