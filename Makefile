@@ -32,7 +32,7 @@ preset_arg = $(if $(PRESET),--preset=$(PRESET))
 dataset_arg = $(if $(DATASET),--dataset=$(DATASET))
 
 .PHONY: help setup-all setup install install-force test quick-test lint train train-ddp resume data generate info check-deps \
-        init plot bench finetune eval export clean clean-checkpoints clean-all
+        init plot bench gpu-check finetune eval export clean clean-checkpoints clean-all
 
 help: ## List the targets (PRESET=tiny|small|gpt2|..., ARGS="--key=value ...")
 	@echo "Targets:"
@@ -100,6 +100,9 @@ plot: $(VENV)/.installed ## Plot the loss curves of the latest run (RUN=NAME for
 bench: $(VENV)/.installed ## Benchmark training, decoding, attention, matmul peak, tokenisation to bench.json (ARGS="--quick")
 	$(PY) bench.py $(ARGS)
 
+gpu-check: $(VENV)/.installed ## On a CUDA GPU: the cuda tests, gpt2 bf16 training MFU, decode speed (~8 min; gpu_check.txt)
+	$(PY) gpu_check.py
+
 info: $(VENV)/.installed ## Parameters, FLOPs per token and training memory of a config (PRESET=..., ARGS=...)
 	$(PY) info.py $(preset_arg) $(ARGS)
 
@@ -110,7 +113,7 @@ init: ## Create the data/ and checkpoints/ folders
 	@mkdir -p data checkpoints
 
 clean: ## Remove caches and generated reports (never checkpoints, data or the venv)
-	rm -rf .pytest_cache .ruff_cache bench.json
+	rm -rf .pytest_cache .ruff_cache bench.json gpu_check.json gpu_check.txt
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 clean-checkpoints: ## Delete every run under checkpoints/ (asks first)

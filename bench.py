@@ -3,6 +3,7 @@
     python bench.py                          # the full table (several minutes on 2 CPU cores), writes bench.json
     python bench.py --quick                  # eager training only, fewer steps, shorter decode (about a minute)
     python bench.py --nanogpt_dir=~/nanoGPT  # also run nanoGPT's train.py at the same configs on the same data
+    python bench.py --gpu                    # CUDA only: gpt2 (124M) training in bf16 with torch.compile, MFU
 
 Training runs train.py itself in a child process per configuration, so each peak RSS is that configuration's, and
 each figure is the median of the steady iterations (the first ones, which hold compilation, are left out) with the
@@ -33,8 +34,8 @@ import data
 from config import PRESETS, ModelConfig, UserError, parse_args, run_cli
 from fast import lay_out_for_decoding, matmul_causal_attention
 from generate import Sampling, generate
-from model import GPT, flops_per_token
-from runtime import measure_matmul_peak
+from model import GPT, count_parameters, flops_per_token
+from runtime import measure_matmul_peak, setup_runtime
 
 ROOT = Path(__file__).resolve().parent
 OPTIONS = {
@@ -47,6 +48,7 @@ OPTIONS = {
     "out": "bench.json",
     "decode_tokens": 0,  # 0: 512 (128 with --quick)
     "rss_data_scale": 20,  # also train TINY on a token file this many times larger, to show RSS is flat in it; 0: skip
+    "gpu": False,  # only the GPU training benchmark (bench_gpu_training), written to --out
 }
 
 # The configurations issue 8 compares with nanoGPT (gradient accumulation 1, GPT-2 vocabulary, dropout 0).
@@ -248,6 +250,14 @@ def bench_tokenization(data_dir: Path, megabytes: float) -> dict | None:
 def main(argv: list[str] | None = None) -> None:
     parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, preset="tiny")
     options, quick = parsed.options, parsed.options["quick"]
+    if options["gpu"]:
+        result = bench_gpu_training()
+        report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "torch": torch.__version__,
+                  "gpu_training": result}
+        Path(options["out"]).write_text(json.dumps(report, indent=2) + "\n")
+        print(describe_gpu_training(result))
+        print(f"wrote {options['out']}")
+        return
     repeats = options["repeats"] or 3
     train_repeats = options["repeats"] or 1
     nanogpt_dir = Path(options["nanogpt_dir"]).expanduser() if options["nanogpt_dir"] else None
@@ -417,6 +427,108 @@ def print_table(report: dict) -> None:
         print(f"tokenisation ({tokens['megabytes']:.1f} MB): per-line loop {tokens['per_line_loop_mb_s']:.1f} MB/s, "
               f"1 thread {tokens['single_thread_mb_s']:.1f} MB/s, {tokens['cores']} threads "
               f"{tokens['all_cores_mb_s']:.1f} MB/s")
+
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched in this order against
+# torch.cuda.get_device_name(). H100 PCIe and NVL have lower clocks than the SXM part; their names say so.
+DATASHEET_BF16_PEAK_FLOPS = (("H200", 989.4e12), ("H100 PCIe", None), ("H100 NVL", None), ("H100", 989.4e12),
+                             ("A100", 312e12))
+
+
+def datasheet_bf16_peak(device_name: str) -> float | None:
+    """The datasheet's dense bf16 FLOP/s of a GPU by its name, or None where this table does not know it."""
+    return next((peak for key, peak in DATASHEET_BF16_PEAK_FLOPS if key in device_name), None)
+
+
+ATTENTION_MARKERS = ("scaled_dot_product", "flash", "efficient_attention", "fmha")
+
+
+def attention_kernels(profile) -> list[str]:
+    """The attention ops and kernels of a profiled step: which of SDPA's flash, memory-efficient or math paths ran."""
+    names = {event.key[:100] for event in profile.key_averages()
+             if any(marker in event.key.lower() for marker in ATTENTION_MARKERS)}
+    return sorted(names)
+
+
+def bench_gpu_training(steps: int = 20, warmup_steps: int = 3, batch_size: int = 16, peak_size: int = 8192) -> dict:
+    """Train the gpt2 preset (124M parameters, context 1024) on random tokens on the GPU: bf16 autocast, torch.compile,
+    fused AdamW, gradient clipping, no accumulation; SDPA picks its flash kernel for these shapes in bf16.
+
+    The first step holds compilation, reported apart as compile_s; step times are of the `steps` after the
+    `warmup_steps`. MFU is against the bf16 matmul peak measured here at size `peak_size` and against the datasheet.
+    """
+    if not torch.cuda.is_available():
+        raise UserError("bench.py --gpu needs a CUDA GPU, and torch.cuda.is_available() is False here")
+    runtime = setup_runtime("cuda", "bfloat16")
+    device_name = torch.cuda.get_device_name(runtime.device)
+    measured_peak = measure_matmul_peak(runtime.device, torch.bfloat16, size=peak_size)
+    config = PRESETS["gpt2"]().model
+    torch.manual_seed(0)
+    model = GPT(config).to(runtime.device)
+    compiled = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    generator = torch.Generator(runtime.device).manual_seed(0)
+    tokens_per_step = batch_size * config.block_size
+
+    def one_step() -> torch.Tensor:
+        # random tokens made on the GPU: this measures the model's step, not a data pipeline
+        x, y = (torch.randint(config.vocab_size, (batch_size, config.block_size), device=runtime.device,
+                              generator=generator) for _ in range(2))
+        with runtime.autocast():
+            loss = compiled(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    torch.cuda.reset_peak_memory_stats(runtime.device)
+    times, losses = [], []
+    for _ in range(warmup_steps + steps):
+        started = time.perf_counter()
+        losses.append(one_step().item())  # .item() waits for the step's kernels
+        times.append(time.perf_counter() - started)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiled:
+        one_step()
+        torch.cuda.synchronize(runtime.device)
+    step = Spread.of(times[warmup_steps:])  # seconds
+    datasheet_peak = datasheet_bf16_peak(device_name)
+    achieved = flops_per_token(config) * tokens_per_step / step.median
+    return {"device": device_name, "preset": "gpt2", "parameters": count_parameters(config),
+            "batch": f"{batch_size} x {config.block_size} tokens, no accumulation", "tokens_per_step": tokens_per_step,
+            "dtype": "bfloat16", "compile": True, "attention_ops": attention_kernels(profiled),
+            "warmup_steps": warmup_steps, "steady_steps": steps, "first_step_s": times[0],
+            "compile_s": max(0.0, times[0] - step.median),
+            "step_ms": vars(Spread(step.median * 1e3, step.min * 1e3, step.max * 1e3)),
+            "tokens_per_s": tokens_per_step / step.median, "achieved_tflops": achieved / 1e12,
+            "measured_bf16_peak_tflops": measured_peak / 1e12,
+            "datasheet_bf16_peak_tflops": datasheet_peak / 1e12 if datasheet_peak else "unknown",
+            "mfu_vs_measured_peak": achieved / measured_peak,
+            "mfu_vs_datasheet_peak": achieved / datasheet_peak if datasheet_peak else "unknown",
+            "peak_memory_gb": torch.cuda.max_memory_allocated(runtime.device) / 1e9,
+            "loss_first_last": [losses[0], losses[-1]]}
+
+
+def describe_gpu_training(result: dict) -> str:
+    """bench_gpu_training's result as a few readable lines."""
+    datasheet = result["datasheet_bf16_peak_tflops"]
+    mfu_datasheet = result["mfu_vs_datasheet_peak"]
+    return "\n".join([
+        f"GPU training: {result['device']}, {result['preset']} ({result['parameters'] / 1e6:.0f}M parameters), "
+        f"{result['batch']}, {result['dtype']}, torch.compile; attention ops: "
+        f"{', '.join(result['attention_ops']) or 'none seen in the profile'}",
+        f"  step {Spread(**result['step_ms']).show()} ms over {result['steady_steps']} steps after "
+        f"{result['warmup_steps']} warm-up; first step {result['first_step_s']:.1f} s, of which compile "
+        f"{result['compile_s']:.1f} s; peak memory {result['peak_memory_gb']:.1f} GB",
+        f"  {result['tokens_per_s']:,.0f} tokens/s, {result['achieved_tflops']:.0f} TFLOP/s: MFU "
+        f"{result['mfu_vs_measured_peak']:.1%} of the measured bf16 matmul peak "
+        f"({result['measured_bf16_peak_tflops']:.0f} TFLOP/s), "
+        + (f"{mfu_datasheet:.1%} of the datasheet's {datasheet:.0f} TFLOP/s" if datasheet != "unknown"
+           else "datasheet peak unknown for this GPU"),
+        f"  loss {result['loss_first_last'][0]:.3f} at the first step, {result['loss_first_last'][1]:.3f} at the last",
+    ])
 
 
 if __name__ == "__main__":

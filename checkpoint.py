@@ -340,7 +340,9 @@ def set_rng_state(state: dict) -> None:
                          numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU of the machine that saved it; torch fails on an index past this machine's GPUs, so a
+        # run saved on 8 GPUs and resumed on 1 restores the GPUs this machine has.
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def seed_everything(seed: int) -> None:

@@ -212,6 +212,9 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         grad_x, grad_weight_t = ctx.saved_tensors
         grad_x = grad_x.float().mul_(grad_loss)  # small: scaled in float32 (1/5 is 0.2002 in bf16)
         if ctx.tied is None:  # in weight's dtype, as autograd wants it
+            if grad_weight_t.dtype == torch.float16:
+                # scaled in float32: GradScaler's first scale, 2**16, is itself past float16's largest value (65504)
+                return grad_x, (grad_weight_t.t().float() * grad_loss).half(), None, None, None, None
             return grad_x, grad_weight_t.t() * grad_loss.to(grad_weight_t.dtype), None, None, None, None
         # in the parameter's own dtype and layout, ready to become its .grad without another copy
         tied = ctx.tied

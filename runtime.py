@@ -112,7 +112,9 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
             raise UserError("dtype=float16 is not supported for training on the CPU; use --dtype=bfloat16 or float32")
         return DTYPE_BY_NAME[requested], f"--dtype={requested} was asked for"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        # Without including_emulation=False torch answers yes on pre-Ampere GPUs (V100, T4) too, whose bf16 is
+        # emulated and slow, and the fp16 + GradScaler path meant for them would never be taken.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16, "bf16 autocast: this GPU supports bfloat16"
         return torch.float16, "fp16 autocast with a GradScaler: this GPU has no bfloat16"
     if device.type == "cpu" and cpu_supports_bf16():

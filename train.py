@@ -372,12 +372,20 @@ def build_training(run: RunRequest, runtime: Runtime, train_data: TrainData, run
                     state, log, compile_model, fast_kernels)
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """The GradScaler's saved scale, where the run had one. A run saved without loss scaling (bf16 or float32, e.g.
+    on a CPU) and resumed in fp16 (a GPU without bf16, or --dtype=float16) starts from a fresh scale: torch refuses
+    to load the empty state of a disabled scaler into an enabled one."""
+    if saved or not scaler.is_enabled():
+        scaler.load_state_dict(saved)
+
+
 def resume(saved: dict, model: GPT, optimizer, scaler, batches: Batches, runtime: Runtime, config: Config,
            log, run_dir: Path) -> TrainState:
     """Load a checkpoint's weights, optimizer, scaler, data position and RNGs; return its loop state."""
     model.load_state_dict(checkpoint.strip_wrapper_prefixes(saved["model"]))
     optimizer.load_state_dict(saved["optimizer"])
-    scaler.load_state_dict(saved["scaler"])
+    restore_scaler(scaler, saved["scaler"])
     state = TrainState(**saved["state"])
     batches.load_state_dict(saved["batches"][0])  # one shared stream, whatever the number of processes
     checkpoint.restore_rank_rng(saved, runtime.rank, config.train.seed, state.step)
