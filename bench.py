@@ -47,6 +47,8 @@ OPTIONS = {
     # the defaults (bf16, eager), alternating with ours
     "out": "bench.json",
     "decode_tokens": 0,  # 0: 512 (128 with --quick)
+    "training_only": False,  # only the training rows: no RSS-vs-data, decode, attention or tokenisation lines
+    "dtypes": "float32,bfloat16",  # the training rows' dtypes (the plain and baseline rows are bf16 only)
     "rss_data_scale": 20,  # also train TINY on a token file this many times larger, to show RSS is flat in it; 0: skip
     "gpu": False,  # only the GPU training benchmark (bench_gpu_training), written to --out
 }
@@ -263,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     nanogpt_dir = Path(options["nanogpt_dir"]).expanduser() if options["nanogpt_dir"] else None
     if nanogpt_dir is not None and not (nanogpt_dir / "train.py").exists():
         raise UserError(f"--nanogpt_dir={nanogpt_dir} has no train.py; point it at a nanoGPT checkout")
+    dtypes = [d for d in options["dtypes"].split(",") if d]
+    if not dtypes or set(dtypes) - {"float32", "bfloat16"}:
+        raise UserError(f"--dtypes={options['dtypes']} is not a list of float32 and bfloat16; e.g. --dtypes=bfloat16")
     baseline_dir = Path(options["baseline_dir"]).expanduser().resolve() if options["baseline_dir"] else None
     if baseline_dir is not None and not (baseline_dir / "train.py").exists():
         raise UserError(f"--baseline_dir={baseline_dir} has no train.py; point it at a checkout of this repository")
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
 
         runs = []  # (preset, dtype, compile, program)
         for preset in SHAPES:
-            for dtype in ("float32", "bfloat16"):
+            for dtype in dtypes:
                 for compile_mode in (("False",) if quick else ("False", "True")):
                     runs.append((preset, dtype, compile_mode, "ours"))
             runs.append((preset, "bfloat16", "False", "plain"))  # --fast_kernels=False: what fast.py is worth
@@ -294,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
                     runs.append((preset, "float32", compile_mode, "nanoGPT"))
         results: dict[tuple, dict] = {}
         for repeat in range(train_repeats):
-            for preset, dtype, compile_mode, who in runs:
+            # every other round in reverse: no program always runs first (or right after the same neighbour)
+            for preset, dtype, compile_mode, who in (runs if repeat % 2 == 0 else runs[::-1]):
                 is_nanogpt = who == "nanoGPT"
                 steps = options["steps"] or {"tiny": 8 if quick else 20, "small": 5 if quick else 10}[preset]
                 out_dir = workdir / f"run-{len(results)}-{repeat}"
@@ -346,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
             training.append(row)
         report["training"] = training
 
-        if options["rss_data_scale"] and not quick:
+        if options["training_only"]:
+            pass
+        elif options["rss_data_scale"] and not quick:
             scale = options["rss_data_scale"]
             big = nanogpt_data_dir(str(data_dir), workdir, scale)
             rss = {}
@@ -359,15 +367,16 @@ def main(argv: list[str] | None = None) -> None:
                 rss[label] = {"train_tokens": int((folder / "train.bin").stat().st_size // 2), "peak_rss_mb": rss_mb}
             report["rss_vs_data_size"] = rss
 
-        print("decode ...", file=sys.stderr)
-        decode = bench_decode(repeats if not quick else 1, decode_tokens)
-        report["decode_tokens_per_s"] = {k: vars(v) if isinstance(v, Spread) else v for k, v in decode.items()}
+        if not options["training_only"]:
+            print("decode ...", file=sys.stderr)
+            decode = bench_decode(repeats if not quick else 1, decode_tokens)
+            report["decode_tokens_per_s"] = {k: vars(v) if isinstance(v, Spread) else v for k, v in decode.items()}
 
-        print("attention ...", file=sys.stderr)
-        report["attention_ms"] = bench_attention(repeats)
+            print("attention ...", file=sys.stderr)
+            report["attention_ms"] = bench_attention(repeats)
 
-        print("tokenisation ...", file=sys.stderr)
-        report["tokenization"] = bench_tokenization(data_dir, 0.5 if quick else 2.0)
+            print("tokenisation ...", file=sys.stderr)
+            report["tokenization"] = bench_tokenization(data_dir, 0.5 if quick else 2.0)
 
     Path(options["out"]).write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
@@ -414,6 +423,8 @@ def print_table(report: dict) -> None:
         print("peak RSS vs token file size: " + ", ".join(
             f"{label} ({v['train_tokens']:,} tokens) {v['peak_rss_mb']:.0f} MB"
             for label, v in report["rss_vs_data_size"].items()))
+    if "decode_tokens_per_s" not in report:  # --training_only
+        return
     decode = report["decode_tokens_per_s"]
     cached, uncached = Spread(**decode["with_cache"]), Spread(**decode["without_cache"])
     print(f"decode SMALL (block {decode['block_size']}), {decode['new_tokens']} new tokens, float32: with KV cache "

@@ -281,6 +281,13 @@ def test_cli_prints_the_same_text_as_the_library_for_the_same_seed(run_dir):
     assert "decode: 40 tokens" in done.stderr and "tokens/s" in done.stderr
 
 
+def test_cli_without_the_fast_decode_layout_prints_the_same_text(run_dir):
+    done = run_cli(f"--ckpt={run_dir / 'best.pt'}", "--prompt=to be", "--max_new_tokens=40", "--temperature=1",
+                   "--seed=3", "--stream=False", "--fast_kernels=False", cwd=run_dir)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected_text("to be", seed=3, temperature=1.0, new_tokens=40)[0] + "\n"
+
+
 def test_cli_streams_the_same_text_from_the_latest_run_by_name(run_dir):
     root = run_dir.parent.parent  # checkpoints/ is resolved from the working directory
     streamed = run_cli("--run=tiny-run", "--prompt=to be", "--max_new_tokens=40", "--temperature=1", "--seed=3",

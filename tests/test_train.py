@@ -67,6 +67,7 @@ def test_cli_trains_end_to_end_and_loss_falls(tmp_path, corpus):
     assert "iter 10: loss" in out and "ms" in out  # plain lines when stdout is not a terminal
     assert "baseline: predicting the unigram distribution" in out
     assert "steps =" in out and "epochs" in out
+    assert "fast kernels: on (fast.py" in out  # the CPU fast paths, said in one start-up line
     evals = metrics(run_dir, "eval")
     train = metrics(run_dir, "train")
     assert [r["step"] for r in evals] == [20, 40, 60]
@@ -81,6 +82,18 @@ def test_cli_trains_end_to_end_and_loss_falls(tmp_path, corpus):
     assert payload["config"]["model"]["vocab_size"] == len(payload["tokenizer"]["chars"])
     model, config = checkpoint.model_from_checkpoint(payload)
     assert config.model.n_embd == 32
+
+
+def test_fast_kernels_false_trains_on_the_plain_model_to_the_same_losses(tmp_path, corpus):
+    args = [*TINY_ARGS, f"--dataset={corpus}", "--max_iters=12", "--eval_interval=12", "--log_interval=4",
+            "--dtype=float32"]
+    fast_run = run_train(tmp_path, *args, "--out_dir=fast")
+    plain_run = run_train(tmp_path, *args, "--out_dir=plain", "--fast_kernels=False")
+    assert "fast kernels: on" in fast_run.stdout
+    assert "fast kernels: off (--fast_kernels=False): model.py's plain path" in plain_run.stdout
+    fast_losses = [r["train_loss"] for r in metrics(tmp_path / "fast", "train")]
+    plain_losses = [r["train_loss"] for r in metrics(tmp_path / "plain", "train")]
+    assert len(fast_losses) == 3 and fast_losses == pytest.approx(plain_losses, abs=1e-4)
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_min_lr():
