@@ -221,12 +221,21 @@ def _has_checkpoint(folder: Path) -> bool:
     return any((folder / n).is_file() for n in ("last.pt", "best.pt")) or bool(step_checkpoints(folder))
 
 
-def latest_run(root: Path = CHECKPOINTS_ROOT) -> Path:
-    """The run folder under `root` whose checkpoint was written most recently."""
-    runs = [d for d in Path(root).glob("*") if d.is_dir() and _has_checkpoint(d)]
+def latest_run(root: Path = CHECKPOINTS_ROOT, exclude_kind: str = "") -> Path:
+    """The run folder under `root` whose checkpoint was written most recently; exclude_kind="classifier" passes
+    over the runs whose manifest.json says they are of that kind (classify.py's)."""
+    runs = [d for d in Path(root).glob("*") if d.is_dir() and _has_checkpoint(d) and not (
+        exclude_kind and _run_kind(d) == exclude_kind)]
     if not runs:
         raise UserError(f"no checkpoint found under {root}/; run `make train` first")
     return max(runs, key=lambda d: max(p.stat().st_mtime for p in d.glob("*.pt") if p.is_file()))
+
+
+def _run_kind(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text()).get("kind", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def resolve_checkpoint(ckpt: str = "", run: str = "", root: Path = CHECKPOINTS_ROOT, prefer: str = "best") -> Path:
@@ -299,6 +308,9 @@ def load_model(init_from: str = "scratch", ckpt: str = "", run: str = "", dropou
         return LoadedModel(model, hf.pretrained_tokenizer(init_from), init_from)
     path = resolve_checkpoint(ckpt=ckpt, run=run)
     payload = load_checkpoint(path)
+    if payload.get("classifier"):
+        raise UserError(f"{path} is a classifier, not a language model; use it with python classify.py "
+                        f"--ckpt={path} --predict=\"...\"")
     for key in ("config", "model"):
         if key not in payload:
             raise UserError(f"{path} has no '{key}' entry; it was not written by train.py or is damaged")

