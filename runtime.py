@@ -191,7 +191,8 @@ class StopRequest:
     """SIGINT/SIGTERM: finish the current step, save, exit 0. A second Ctrl-C exits at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = False  # set by the handler, on this rank only, at any moment
+        self.agreed = False     # set by stop_agreed: every rank stops at the same step
         self.signal_name = ""
 
     def install(self) -> None:
@@ -209,15 +210,22 @@ class StopRequest:
 
 
 def stop_agreed(stop: StopRequest, runtime: Runtime) -> bool:
-    """Has a stop been requested, on any rank? A signal reaches the ranks at slightly different steps; one that
-    stopped alone would enter the checkpoint's collectives while the others enter the next step's: a hang."""
+    """Has a stop been requested, on any rank? A signal reaches the ranks at slightly different moments; a rank that
+    stopped alone would enter the checkpoint's collectives while the others enter the next step's: a hang.
+
+    The answer is the all-reduced flag, never this rank's own: a signal that lands after the all_reduce is seen by
+    every rank at the next step, not by this one alone now.
+    """
     if not runtime.distributed:
-        return stop.requested
+        stop.agreed = stop.requested
+        return stop.agreed
     requested = torch.tensor(float(stop.requested), device=runtime.device)
     dist.all_reduce(requested, op=dist.ReduceOp.MAX)
-    if requested.item() and not stop.requested:
-        stop.requested, stop.signal_name = True, "a signal to another rank"
-    return stop.requested
+    if requested.item():
+        stop.agreed = True
+        if not stop.requested:
+            stop.requested, stop.signal_name = True, "a signal to another rank"
+    return stop.agreed
 
 
 LOST_RANK_MARKERS = ("connection closed by peer", "connection reset by peer", "timed out", "timeout", "nccl",

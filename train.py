@@ -541,7 +541,7 @@ def log_step(t: Training, loss: torch.Tensor, lr: float, started: float, progres
 
 def finish(t: Training, stop: StopRequest, stopped_early: bool) -> None:
     state, train = t.state, t.config.train
-    if stop.requested:
+    if stop.agreed:  # not stop.requested: a signal after the last agreement reached only some ranks
         save(t)
         t.log(f"{stop.signal_name}: saved {t.run_dir / 'last.pt'} at step {state.step}; continue with "
               f"`python train.py --resume --out_dir={t.run_dir}` (or `make resume`)")

@@ -285,6 +285,28 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_and_saves(ddp_run
     assert "lost contact" not in err  # the ranks agreed on the step: no collective was left waiting
 
 
+def test_a_signal_that_lands_after_the_stop_all_reduce_waits_for_the_next_step(monkeypatch):
+    """The race CI once hit: rank 0's signal arrived between its all_reduce (which said nobody wants to stop) and the
+    return. Stopping on its own flag, rank 0 entered save()'s all_gather while rank 1 entered the next step: a hang."""
+    import runtime as runtime_module
+    stop = runtime_module.StopRequest()
+    other_rank_wants_to_stop, signal_lands_now = False, True
+
+    def all_reduce_then_the_signal(tensor, op):
+        tensor.fill_(max(tensor.item(), float(other_rank_wants_to_stop)))
+        if signal_lands_now:
+            stop.requested = True  # this rank's handler runs just after the collective
+    monkeypatch.setattr(runtime_module.dist, "all_reduce", all_reduce_then_the_signal)
+    two_ranks = Runtime(device=torch.device("cpu"), dtype=torch.float32, reason="", rank=0, world_size=2)
+    assert runtime_module.stop_agreed(stop, two_ranks) is False and not stop.agreed  # the other rank steps on too
+    assert runtime_module.stop_agreed(stop, two_ranks) is True and stop.agreed  # both see it now
+
+    stop = runtime_module.StopRequest()
+    other_rank_wants_to_stop, signal_lands_now = True, False  # a signal to the other rank only
+    assert runtime_module.stop_agreed(stop, two_ranks) is True
+    assert stop.agreed and stop.requested and stop.signal_name == "a signal to another rank"
+
+
 def test_a_nan_on_one_rank_makes_every_rank_skip_the_step_and_names_that_rank(ddp_run):
     workdir, _ = ddp_run
     result, _ = launch_faulty(workdir, "nan", "--out_dir=nan", "--log_interval=1")
