@@ -221,11 +221,10 @@ def _has_checkpoint(folder: Path) -> bool:
     return any((folder / n).is_file() for n in ("last.pt", "best.pt")) or bool(step_checkpoints(folder))
 
 
-def latest_run(root: Path = CHECKPOINTS_ROOT, exclude_kind: str = "") -> Path:
-    """The run folder under `root` whose checkpoint was written most recently; exclude_kind="classifier" passes
+def latest_run(root: Path = CHECKPOINTS_ROOT, exclude_kinds: tuple[str, ...] = ()) -> Path:
+    """The run folder under `root` whose checkpoint was written most recently; exclude_kinds=("classifier",) passes
     over the runs whose manifest.json says they are of that kind (classify.py's)."""
-    runs = [d for d in Path(root).glob("*") if d.is_dir() and _has_checkpoint(d) and not (
-        exclude_kind and _run_kind(d) == exclude_kind)]
+    runs = [d for d in Path(root).glob("*") if d.is_dir() and _has_checkpoint(d) and _run_kind(d) not in exclude_kinds]
     if not runs:
         raise UserError(f"no checkpoint found under {root}/; run `make train` first")
     return max(runs, key=lambda d: max(p.stat().st_mtime for p in d.glob("*.pt") if p.is_file()))
@@ -266,9 +265,14 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
 
 
 def model_from_checkpoint(payload: dict) -> tuple[GPT, Config]:
-    """Rebuild the model a checkpoint was trained with and load its weights; a mismatch is a UserError."""
+    """Rebuild the model a checkpoint was trained with and load its weights; a mismatch is a UserError. Weights
+    saved with LoRA adapters (instruct.py --lora_rank) come back merged: a plain GPT."""
     config = Config.from_dict(payload["config"])
     model = GPT(config.model)
+    adapters = (payload.get("instruct") or {}).get("lora_rank", 0)
+    if adapters:
+        import lora
+        lora.add_lora(model, adapters, payload["instruct"]["lora_alpha"])
     state = strip_wrapper_prefixes(payload["model"])
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -281,6 +285,8 @@ def model_from_checkpoint(payload: dict) -> tuple[GPT, Config]:
         raise UserError(f"checkpoint weights do not match its config ({detail}); the file was written by another "
                         "architecture or is damaged")
     model.load_state_dict(state)
+    if adapters:
+        lora.merge_lora(model).requires_grad_(True)
     return model, config
 
 
@@ -293,6 +299,7 @@ class LoadedModel:
     source: str  # the checkpoint's path, or the pretrained name or folder
     saved_config: Config | None = None  # a checkpoint's whole config; None for pretrained weights
     trained_on: str | None = None  # the data set's name at training time, when the checkpoint recorded it
+    instruct: dict | None = None  # instruct.py's record (its prompt style), for an instruction-tuned model
 
     @property
     def model_config(self) -> ModelConfig:
@@ -316,7 +323,8 @@ def load_model(init_from: str = "scratch", ckpt: str = "", run: str = "", dropou
             raise UserError(f"{path} has no '{key}' entry; it was not written by train.py or is damaged")
     model, config = model_from_checkpoint(payload)
     tokenizer = payload.get("tokenizer") or {"name": config.data.tokenizer}
-    return LoadedModel(model, tokenizer, str(path), config, (payload.get("dataset") or {}).get("name"))
+    return LoadedModel(model, tokenizer, str(path), config, (payload.get("dataset") or {}).get("name"),
+                       payload.get("instruct"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 
 The LM head is replaced by a Linear(n_embd, classes) read at the last real token of each text: under the causal
 mask that is the one position that has seen the whole text, and padding after it cannot change what it saw.
-Training reuses train.py's step (mixed precision, AdamW, warmup and cosine decay, clipping, skipped non-finite
+Training is finetune.py's loop over train.py's step (mixed precision, AdamW, warmup and cosine decay, clipping, skipped non-finite
 steps) and checkpoint.py's atomic, verified saves.
 """
 
@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +27,14 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+import finetune
 import lora
 import runinfo
 import sources
 from config import Config, ConfigError, UserError, error_summary, parse_args, run_cli
 from model import GPT
 from runtime import Runtime, StopRequest, setup_runtime
-from train import TrainState, learning_rate_at, make_optimizer, restore_scaler, train_step
+from train import TrainState, make_optimizer
 
 OPTIONS = {
     "label_column": "label",
@@ -415,22 +415,6 @@ def save_confusion_png(counts: torch.Tensor, label_names: list[str], path: Path,
 # Where the model comes from, and how a classifier checkpoint comes back
 
 
-def load_base(init_from: str) -> checkpoint.LoadedModel:
-    """A checkpoint of this repository (a .pt file or a run folder; default: the latest pretraining run) or
-    OpenAI's GPT-2 (--init_from=gpt2 or a local Hugging Face folder)."""
-    if init_from == "scratch":
-        try:
-            run = checkpoint.latest_run(exclude_kind="classifier")
-        except UserError:
-            raise UserError("no pretrained run under checkpoints/ to start from; run `make train` first, or pass "
-                            "--init_from=gpt2 or --init_from=checkpoints/<run>/best.pt") from None
-        return checkpoint.load_model(ckpt=str(run))
-    path = Path(init_from)
-    if path.suffix == ".pt" or (path.is_dir() and not (path / "config.json").exists()):
-        return checkpoint.load_model(ckpt=init_from)
-    return checkpoint.load_model(init_from=init_from)
-
-
 def classifier_from_checkpoint(payload: dict, path: Path) -> tuple[GPTClassifier, dict]:
     info = payload.get("classifier")
     if not info:
@@ -513,6 +497,13 @@ class ClassifierRun:
     info: dict  # what a classifier checkpoint records about itself: labels, what trains, LoRA, the base model
     metrics: runinfo.MetricsLog | None = None
 
+    @property
+    def model(self) -> GPTClassifier:  # what finetune.py's loop trains and saves
+        return self.classifier
+
+    def record(self) -> dict:
+        return {"tokenizer": self.tokenizer.to_dict(), "classifier": self.info, "options": self.options}
+
 
 @dataclass
 class Start:
@@ -532,24 +523,13 @@ def resolve_start(config: Config, options: dict, overridden: frozenset[str]) -> 
     """A new run from a pretrained model, or (--resume) the run in --out_dir from its newest checkpoint."""
     train = config.train
     if not train.resume:
-        base = load_base(train.init_from)
+        base = finetune.load_base(train.init_from)
         config.model = base.model_config  # the checkpoint's sizes, whatever the preset said
         info = {"trainable": parse_trainable(options["trainable"], config.model.n_layer),
                 "lora_rank": options["lora_rank"], "lora_alpha": options["lora_alpha"], "base": base.source}
-        run_dir = Path(train.out_dir) if train.out_dir else \
-            checkpoint.CHECKPOINTS_ROOT / (train.run_name or f"classify-{time.strftime('%Y%m%d-%H%M%S')}")
-        if checkpoint.step_checkpoints(run_dir) or (run_dir / "last.pt").exists():
-            raise UserError(f"{run_dir} already holds a run; continue it with --resume --out_dir={run_dir}, or pick "
-                            "another --out_dir/--run_name")
+        run_dir = finetune.new_run_dir(train, "classify")
         return Start(config, options, info, base.model, data.get_tokenizer(base.tokenizer), run_dir)
-    if not train.out_dir:
-        raise UserError("--resume needs the classifier run's folder: --resume --out_dir=checkpoints/<run>")
-    run_dir = Path(train.out_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"--resume: no run folder {run_dir}")
-    saved = checkpoint.load_checkpoint(checkpoint.newest_valid_checkpoint(run_dir, say=print))
-    if not saved.get("classifier"):
-        raise UserError(f"{run_dir} is not a classifier run; resume it with python train.py --resume")
+    run_dir, saved = finetune.load_resumed(train, "classifier", record_key="classifier")
     resumed = Config.from_dict(saved["config"])
     if "max_iters" in overridden:  # the one setting a resume may change: train for longer
         resumed.train.max_iters = train.max_iters
@@ -596,13 +576,7 @@ def start_run(config: Config, options: dict, overridden: frozenset[str]) -> Clas
                         runtime.grad_scaler(), ClassBatches(encoded["train"], train.batch_size, train.seed),
                         TrainState(), info)
     if saved is not None:
-        classifier.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        restore_scaler(run.scaler, saved["scaler"])
-        run.state = TrainState(**saved["state"])
-        run.batches.load_state_dict(saved["batches"][0])
-        checkpoint.set_rng_state(saved["rng"])
-        print(f"resuming {run_dir} at step {run.state.step}")
+        finetune.restore(run, saved)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         manifest = {"kind": "classifier", "git_commit": runinfo.git_commit(), "config": config.to_dict(),
@@ -616,15 +590,6 @@ def start_run(config: Config, options: dict, overridden: frozenset[str]) -> Clas
     return run
 
 
-def save(run: ClassifierRun, val_loss: float | None, is_best: bool) -> None:
-    payload = {"config": run.config.to_dict(), "model": run.classifier.state_dict(),
-               "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-               "state": dataclasses.asdict(run.state), "batches": [run.batches.state_dict()],
-               "rng": checkpoint.rng_state(), "tokenizer": run.tokenizer.to_dict(), "classifier": run.info,
-               "options": run.options}
-    checkpoint.save_run_checkpoint(run.run_dir, payload, run.state.step, val_loss, is_best, run.config.train.keep_last)
-
-
 def evaluate(run: ClassifierRun) -> float:
     """Validation loss and accuracy now; every eval saves a checkpoint, the lowest loss becomes best.pt."""
     state, val = run.state, run.encoded["val"]
@@ -636,35 +601,8 @@ def evaluate(run: ClassifierRun) -> float:
     print(f"eval step {state.step}: val loss {val_loss:.4f}, val accuracy {val_accuracy:.2%}")
     run.metrics.write({"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val_loss,
                        "val_accuracy": val_accuracy, "elapsed_s": state.elapsed_s})
-    save(run, val_loss, improved)
+    finetune.save(run, val_loss, improved)
     return val_loss
-
-
-def train_loop(run: ClassifierRun, stop: StopRequest) -> None:
-    """train.py's step on the classifier until max_iters or a stop signal; `tokens_seen` counts texts here."""
-    train, state = run.config.train, run.state
-    decay_iters = train.lr_decay_iters or train.max_iters
-    from tqdm import tqdm
-    run.classifier.train()
-    with tqdm(total=train.max_iters, initial=state.step, unit="step", disable=None, file=sys.stderr) as progress:
-        while state.step < train.max_iters and not stop.requested:
-            lr = learning_rate_at(state.step, train.learning_rate, train.min_lr, train.warmup_iters, decay_iters)
-            started = time.perf_counter()
-            loss = train_step(run.classifier, run.optimizer, run.scaler, run.batches, run.runtime, train, lr)
-            state.step += 1
-            state.tokens_seen = state.step * train.batch_size
-            state.elapsed_s += time.perf_counter() - started
-            progress.update(1)
-            if loss is None:
-                print(f"warning: non-finite loss or gradient at step {state.step}; step skipped", file=sys.stderr)
-                continue
-            if state.step % train.log_interval == 0 or state.step == train.max_iters:
-                loss_value = loss.item()
-                run.metrics.write({"kind": "train", "step": state.step, "tokens_seen": state.tokens_seen,
-                                   "train_loss": loss_value, "lr": lr, "elapsed_s": state.elapsed_s})
-                progress.set_postfix(loss=f"{loss_value:.4f}")
-            if state.step % train.eval_interval == 0 and state.step < train.max_iters:
-                evaluate(run)
 
 
 def finish(run: ClassifierRun, before: dict[str, torch.Tensor] | None) -> None:
@@ -710,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
                                    run.label_names, "before training", print)
     stop = StopRequest()
     stop.install()
-    train_loop(run, stop)
+    finetune.train_loop(run, stop, evaluate=lambda: evaluate(run))
     evaluate(run)
     if stop.requested:
         print(f"{stop.signal_name}: saved {run.run_dir / 'last.pt'} at step {run.state.step}; continue with "

@@ -257,4 +257,4 @@ def test_make_classify_default_runs_offline_from_the_latest_pretrained_run(tmp_p
     manifest = json.loads((tmp_path / "genres" / "manifest.json").read_text())
     assert manifest["kind"] == "classifier"
     # the classifier run is now the newest, but the next default start still takes the language model
-    assert checkpoint.latest_run(tmp_path / "checkpoints", exclude_kind="classifier").name == "tiny-pretrained"
+    assert checkpoint.latest_run(tmp_path / "checkpoints", exclude_kinds=("classifier",)).name == "tiny-pretrained"

@@ -1,0 +1,111 @@
+"""What classify.py and instruct.py share: where a fine-tuning run starts, its loop over train.py's step, and its
+checkpoints.
+
+A fine-tuning run is any object with these attributes: config, runtime, run_dir, model (what trains: a classifier
+or a GPT), optimizer, scaler, batches (next(), state_dict(), load_state_dict()), state (train.TrainState), metrics
+(runinfo.MetricsLog) and record() (the checkpoint's entries beside the weights: tokenizer, what kind of run, its
+options). The step itself (mixed precision, AdamW, warmup and cosine decay, clipping, skipped non-finite steps) is
+train.train_step; checkpoints are checkpoint.py's atomic, verified saves, so a run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import checkpoint
+from config import TrainConfig, UserError
+from runtime import StopRequest
+from train import TrainState, learning_rate_at, restore_scaler, train_step
+
+# manifest.json "kind" of the runs these scripts write; neither is a pretrained language model to start from
+FINE_TUNED_KINDS = ("classifier", "instruct")
+
+
+def load_base(init_from: str) -> checkpoint.LoadedModel:
+    """A checkpoint of this repository (a .pt file or a run folder; default: the latest pretraining run) or
+    OpenAI's GPT-2 (--init_from=gpt2 or a local Hugging Face folder)."""
+    if init_from == "scratch":
+        try:
+            run = checkpoint.latest_run(exclude_kinds=FINE_TUNED_KINDS)
+        except UserError:
+            raise UserError("no pretrained run under checkpoints/ to start from; run `make train` first, or pass "
+                            "--init_from=gpt2 or --init_from=checkpoints/<run>/best.pt") from None
+        return checkpoint.load_model(ckpt=str(run))
+    path = Path(init_from)
+    if path.suffix == ".pt" or (path.is_dir() and not (path / "config.json").exists()):
+        return checkpoint.load_model(ckpt=init_from)
+    return checkpoint.load_model(init_from=init_from)
+
+
+def new_run_dir(train: TrainConfig, kind: str) -> Path:
+    """--out_dir, else checkpoints/<run_name or kind-time>, refusing a folder that already holds a run."""
+    run_dir = Path(train.out_dir) if train.out_dir else \
+        checkpoint.CHECKPOINTS_ROOT / (train.run_name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if checkpoint.step_checkpoints(run_dir) or (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume --out_dir={run_dir}, or pick "
+                        "another --out_dir/--run_name")
+    return run_dir
+
+
+def load_resumed(train: TrainConfig, kind: str, record_key: str) -> tuple[Path, dict]:
+    """--resume --out_dir=DIR: the run folder and its newest valid checkpoint, which must be of this kind."""
+    if not train.out_dir:
+        raise UserError(f"--resume needs the {kind} run's folder: --resume --out_dir=checkpoints/<run>")
+    run_dir = Path(train.out_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume: no run folder {run_dir}")
+    saved = checkpoint.load_checkpoint(checkpoint.newest_valid_checkpoint(run_dir, say=print))
+    if not saved.get(record_key):
+        raise UserError(f"{run_dir} is not a {kind} run; resume it with the script that wrote it")
+    return run_dir, saved
+
+
+def save(run, val_loss: float | None = None, is_best: bool = False) -> None:
+    payload = {"config": run.config.to_dict(), "model": run.model.state_dict(),
+               "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+               "state": dataclasses.asdict(run.state), "batches": [run.batches.state_dict()],
+               "rng": checkpoint.rng_state(), **run.record()}
+    checkpoint.save_run_checkpoint(run.run_dir, payload, run.state.step, val_loss, is_best, run.config.train.keep_last)
+
+
+def restore(run, saved: dict) -> None:
+    """Weights, optimizer, loss scale, loop state, data order and RNGs from a checkpoint: the run goes on exactly."""
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    restore_scaler(run.scaler, saved["scaler"])
+    run.state = TrainState(**saved["state"])
+    run.batches.load_state_dict(saved["batches"][0])
+    checkpoint.set_rng_state(saved["rng"])
+    print(f"resuming {run.run_dir} at step {run.state.step}")
+
+
+def train_loop(run, stop: StopRequest, evaluate: Callable[[], float]) -> None:
+    """train.py's step until max_iters or a stop signal, calling `evaluate` (which saves) every eval_interval steps.
+    `tokens_seen` counts examples here: a fine-tuning batch is a number of examples, not of tokens."""
+    train, state = run.config.train, run.state
+    decay_iters = train.lr_decay_iters or train.max_iters
+    from tqdm import tqdm
+    run.model.train()
+    with tqdm(total=train.max_iters, initial=state.step, unit="step", disable=None, file=sys.stderr) as progress:
+        while state.step < train.max_iters and not stop.requested:
+            lr = learning_rate_at(state.step, train.learning_rate, train.min_lr, train.warmup_iters, decay_iters)
+            started = time.perf_counter()
+            loss = train_step(run.model, run.optimizer, run.scaler, run.batches, run.runtime, train, lr)
+            state.step += 1
+            state.tokens_seen = state.step * train.batch_size
+            state.elapsed_s += time.perf_counter() - started
+            progress.update(1)
+            if loss is None:
+                print(f"warning: non-finite loss or gradient at step {state.step}; step skipped", file=sys.stderr)
+                continue
+            if state.step % train.log_interval == 0 or state.step == train.max_iters:
+                loss_value = loss.item()
+                run.metrics.write({"kind": "train", "step": state.step, "tokens_seen": state.tokens_seen,
+                                   "train_loss": loss_value, "lr": lr, "elapsed_s": state.elapsed_s})
+                progress.set_postfix(loss=f"{loss_value:.4f}")
+            if state.step % train.eval_interval == 0 and state.step < train.max_iters:
+                evaluate()
