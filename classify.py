@@ -7,8 +7,8 @@
 
 The LM head is replaced by a Linear(n_embd, classes) read at the last real token of each text: under the causal
 mask that is the one position that has seen the whole text, and padding after it cannot change what it saw.
-Training is finetune.py's loop over train.py's step (mixed precision, AdamW, warmup and cosine decay, clipping, skipped non-finite
-steps) and checkpoint.py's atomic, verified saves.
+Training is finetune.py's loop over train.py's step (mixed precision, AdamW, warmup and cosine decay, clipping,
+skipped non-finite steps) with checkpoint.py's atomic, verified saves.
 """
 
 from __future__ import annotations
@@ -293,27 +293,9 @@ def encode_split(split: Split, tokenizer: data.Tokenizer, label_names: list[str]
                    truncated)
 
 
-class ClassBatches:
-    """Each training example once per epoch, in a fresh seeded order; a batch is padded to its longest text."""
-
-    def __init__(self, examples: Encoded, batch_size: int, seed: int):
-        self.examples, self.batch_size = examples, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order, self.position = torch.randperm(len(examples.labels), generator=self.generator), 0
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.position + self.batch_size > len(self.order):  # a new epoch (the last partial batch is dropped)
-            self.order, self.position = torch.randperm(len(self.examples.labels), generator=self.generator), 0
-        rows = self.order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        return batch_of(self.examples, rows)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.order, self.position = state["order"], state["position"]
+def class_batches(examples: Encoded, batch_size: int, seed: int) -> finetune.EpochBatches:
+    """Each training text once per epoch, in a fresh seeded order; a batch is padded to its longest text."""
+    return finetune.EpochBatches(len(examples.labels), batch_size, seed, lambda rows: batch_of(examples, rows))
 
 
 def batch_of(examples: Encoded, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -492,7 +474,7 @@ class ClassifierRun:
     classifier: GPTClassifier
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    batches: ClassBatches
+    batches: finetune.EpochBatches
     state: TrainState
     info: dict  # what a classifier checkpoint records about itself: labels, what trains, LoRA, the base model
     metrics: runinfo.MetricsLog | None = None
@@ -573,7 +555,7 @@ def start_run(config: Config, options: dict, overridden: frozenset[str]) -> Clas
     classifier.to(runtime.device)
     optimizer = make_optimizer(classifier, train, runtime.device_type)
     run = ClassifierRun(config, options, runtime, run_dir, tokenizer, label_names, encoded, classifier, optimizer,
-                        runtime.grad_scaler(), ClassBatches(encoded["train"], train.batch_size, train.seed),
+                        runtime.grad_scaler(), class_batches(encoded["train"], train.batch_size, train.seed),
                         TrainState(), info)
     if saved is not None:
         finetune.restore(run, saved)

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 import checkpoint
 from config import TrainConfig, UserError
 from runtime import StopRequest
@@ -62,6 +64,31 @@ def load_resumed(train: TrainConfig, kind: str, record_key: str) -> tuple[Path, 
     if not saved.get(record_key):
         raise UserError(f"{run_dir} is not a {kind} run; resume it with the script that wrote it")
     return run_dir, saved
+
+
+class EpochBatches:
+    """Each training example once per epoch, in a fresh seeded order; `make_batch` turns a batch's example indices
+    into (x, y), padded to its longest example. The last partial batch of an epoch is dropped."""
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int,
+                 make_batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+        self.n_examples, self.batch_size, self.make_batch = n_examples, batch_size, make_batch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.randperm(n_examples, generator=self.generator), 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position + self.batch_size > len(self.order):  # a new epoch
+            self.order, self.position = torch.randperm(self.n_examples, generator=self.generator), 0
+        rows = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.make_batch(rows)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], state["position"]
 
 
 def save(run, val_loss: float | None = None, is_best: bool = False) -> None:

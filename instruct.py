@@ -1,0 +1,568 @@
+"""Instruction fine-tuning (the book's chapter 7): teach a pretrained GPT to answer an instruction, then save its
+answers to the test entries and, optionally, have a larger local model score them.
+
+    python instruct.py                                   # offline default: chatterbot-corpus dialogues, latest run
+    python instruct.py --init_from=checkpoints/<run>/best.pt --dataset=PATH.json
+    python instruct.py --init_from=gpt2-medium --dataset=hf:tatsu-lab/alpaca
+    python generate.py --ckpt=checkpoints/<instruct-run>/best.pt --instruction="Rewrite in passive voice" \\
+        --input="The cat ate the fish."
+
+Read in order: the prompt styles (how an entry becomes text), the data (files, `hf:`, the offline default), the
+batches (padded per batch, the loss kept off padding and, with --mask_prompt, off the prompt), the responses and
+the judge, and the run, whose loop and checkpoints are finetune.py's (train.py's step inside).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import data
+import fast
+import finetune
+import generate
+import lora
+import runinfo
+import sources
+from config import Config, ConfigError, UserError, error_summary, parse_args, parse_bool, run_cli
+from model import GPT
+from runtime import Runtime, StopRequest, setup_runtime
+from train import TrainState, make_optimizer, perplexity
+
+OPTIONS = {
+    "prompt_style": "alpaca",  # alpaca (the book's) or chat
+    "mask_prompt": True,  # the loss counts only the response's tokens; measured better offline (README)
+    "epochs": 0,  # 0: --max_iters when given, else DEFAULT_EPOCHS
+    "instruction_column": "instruction",
+    "input_column": "input",
+    "output_column": "output",
+    "test_fraction": 0.05,  # with val_fraction: the shares held out when the source has no such splits
+    "lora_rank": 0,  # > 0: LoRA adapters on attention and MLP; only they train
+    "lora_alpha": 16.0,
+    "max_new_tokens": 100,  # the longest response generated for responses.json
+    "judge_url": "",  # an Ollama-compatible server, e.g. http://localhost:11434: scores each response 0-100
+    "judge_model": "llama3",
+}
+DEFAULT_DATASET = "chatterbot"
+DEFAULT_EPOCHS = 2  # the book's
+# The book's settings (AdamW at 5e-5, weight decay 0.1, batch 8) where the command line gives none, but with the
+# learning rate measured on the offline default (README): a small model pretrained briefly needs larger steps.
+DEFAULTS = {"batch_size": 8, "learning_rate": 5e-4, "min_lr": 5e-5, "weight_decay": 0.1, "warmup_iters": 20,
+            "eval_interval": 100, "log_interval": 20, "val_fraction": 0.1}
+SPLITS = ("train", "val", "test")
+IGNORE = -1  # a target the loss skips (model.py's F.cross_entropy(ignore_index=-1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt styles: how one entry becomes the text the model reads. The response follows the prompt directly.
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.")
+
+
+def format_prompt(style: str, instruction: str, input_text: str = "") -> str:
+    """The prompt for one entry, up to where the response begins.
+
+    alpaca: the book's (Stanford Alpaca's) template, with an "### Input:" section only when there is an input.
+    chat: a plain two-speaker transcript, closer to what a model pretrained on dialogue text has seen.
+    """
+    if style == "alpaca":
+        text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
+        if input_text:
+            text += f"\n\n### Input:\n{input_text}"
+        return text + "\n\n### Response:\n"
+    if style == "chat":
+        return f"User: {instruction}" + (f"\n{input_text}" if input_text else "") + "\nAssistant: "
+    raise ConfigError(f"prompt_style={style!r} is not one of {', '.join(PROMPT_STYLES)}")
+
+
+PROMPT_STYLES = ("alpaca", "chat")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: entries of instruction, input and output, split three ways
+
+
+@dataclass
+class Entry:
+    instruction: str
+    input: str
+    output: str
+
+
+def entries_from_records(records: object, where: str, columns: dict[str, str]) -> list[Entry]:
+    """JSON records -> entries. Each record is {instruction, input (optional), output} (names from --*_column), or
+    {"messages": [{"role", "content"}, ...]}, whose user -> assistant pairs become one entry each."""
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise UserError(f"{where} is not a list of objects; give a JSON list like [{{\"instruction\": ..., "
+                        "\"output\": ...}, ...] or JSON Lines with one such object per line")
+    entries = []
+    for index, record in enumerate(records):
+        if "messages" in record:
+            entries += entries_from_messages(record["messages"], f"{where}, entry {index}")
+            continue
+        missing = [columns[key] for key in ("instruction", "output") if not str(record.get(columns[key]) or "")]
+        if missing:
+            option = "instruction_column" if missing[0] == columns["instruction"] else "output_column"
+            raise UserError(f"{where}: entry {index} has no {missing[0]!r} (it has {', '.join(record) or 'nothing'})"
+                            f"; fill it in or remove it, or name the field with --{option}=...")
+        entries.append(Entry(str(record[columns["instruction"]]), str(record.get(columns["input"]) or ""),
+                             str(record[columns["output"]])))
+    return entries
+
+
+def entries_from_messages(messages: object, where: str) -> list[Entry]:
+    """A chat's user -> assistant pairs as entries; system messages and unanswered turns are left out."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
+        raise UserError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects")
+    turns = [m for m in messages if m.get("role") in ("user", "assistant")]
+    return [Entry(str(ask["content"]), "", str(answer["content"])) for ask, answer in zip(turns, turns[1:])
+            if ask["role"] == "user" and answer["role"] == "assistant"]
+
+
+def read_entries(path: Path, columns: dict[str, str]) -> list[Entry]:
+    """A .json file (a list of records) or a .jsonl file (one record per line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--dataset={path} does not exist; give a .json or .jsonl file, hf:owner/name, or leave "
+                        f"it out for the offline default ({DEFAULT_DATASET})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"--dataset={path} could not be read as UTF-8 text ({err})") from None
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--dataset={path} is not valid JSON{' Lines' if path.suffix == '.jsonl' else ''} "
+                        f"({err}); fix the file") from None
+    return entries_from_records(records, str(path), columns)
+
+
+def read_hf(dataset: str, columns: dict[str, str]) -> dict[str, list[Entry]]:
+    """The splits of a Hugging Face data set with these columns (or a `messages` column)."""
+    import datasets
+
+    name, _, config = dataset.removeprefix("hf:").partition(":")
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as err:  # datasets raises many types for "not reachable and not cached"
+        raise UserError(f"could not load {dataset} ({error_summary(err)}); connect to the Hugging Face Hub once, "
+                        "or give a local .json/.jsonl file") from None
+    splits = {}
+    for split, ours in (("train", "train"), ("validation", "val"), ("valid", "val"), ("test", "test")):
+        if split in loaded and ours not in splits:
+            splits[ours] = entries_from_records(loaded[split].to_list(), f"{dataset} ({split})", columns)
+    if "train" not in splits:
+        raise UserError(f"{dataset} has no train split (it has {', '.join(loaded)}); pick a data set with one")
+    return splits
+
+
+def chatterbot_entries() -> list[Entry]:
+    """chatterbot-corpus's English dialogues (BSD-3-Clause, from the package index): each turn and the reply to it
+    become one entry, about 2,000 of them, from greetings and trivia to tech support."""
+    entries = []
+    for conversations in sources.chatterbot_conversations().values():
+        for turns in conversations:
+            entries += [Entry(ask, "", answer) for ask, answer in zip(turns, turns[1:]) if ask and answer]
+    return entries
+
+
+def split_entries(entries: list[Entry], fractions: dict[str, float], seed: int) -> dict[str, list[Entry]]:
+    """train and the held-out splits named in `fractions` ({"val": 0.1, "test": 0.05}), by seeded shares, for a
+    source without its own. Entries that share an instruction stay together, so no held-out instruction is one the
+    model was trained on (chatterbot asks "What is AI?" five times)."""
+    groups: dict[str, list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault(entry.instruction, []).append(entry)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    parts, start = {}, 0
+    for split, fraction in fractions.items():
+        count = max(1, round(len(keys) * fraction))
+        parts[split], start = keys[start:start + count], start + count
+    parts["train"] = keys[start:]
+    if not parts["train"]:
+        raise UserError(f"{len(entries)} entries ({len(keys)} distinct instructions) are too few to hold out "
+                        + " and ".join(f"{split} ({fraction:g})" for split, fraction in fractions.items())
+                        + " and keep some to train on; give more entries")
+    return {split: [entry for key in keys_of_split for entry in groups[key]] for split, keys_of_split in parts.items()}
+
+
+def load_splits(dataset: str, options: dict, val_fraction: float, seed: int) -> dict[str, list[Entry]]:
+    """The train, val and test entries of --dataset (a file, hf:..., or the offline default): the source's own
+    splits, the missing ones held out of train."""
+    columns = {key: options[f"{key}_column"] for key in ("instruction", "input", "output")}
+    if dataset == DEFAULT_DATASET:
+        splits = {"train": chatterbot_entries()}
+    elif dataset.startswith("hf:"):
+        splits = read_hf(dataset, columns)
+    else:
+        splits = {"train": read_entries(Path(dataset), columns)}
+    if not splits["train"]:
+        raise UserError(f"--dataset={dataset} holds no entries; give a file with at least a few dozen")
+    missing = {split: fraction for split, fraction in (("val", val_fraction), ("test", options["test_fraction"]))
+               if split not in splits}
+    if missing:
+        splits = {**splits, **split_entries(splits["train"], missing, seed)}
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokens and batches: prompt + response + end token, padded per batch, the loss kept off the padding
+
+
+@dataclass
+class Encoded:
+    ids: list[list[int]]  # prompt, response and the end token, cut at the context
+    prompt_lengths: list[int]
+    truncated: int  # entries cut at the context
+    dropped: int  # entries whose prompt alone fills the context: nothing of the response would be left
+
+
+def encode_entries(entries: list[Entry], tokenizer: data.Tokenizer, style: str, block_size: int) -> Encoded:
+    """Token ids for each entry; a sequence of block_size + 1 tokens gives block_size inputs and targets."""
+    ids, prompt_lengths, truncated, dropped = [], [], 0, 0
+    for entry in entries:
+        prompt = tokenizer.encode(format_prompt(style, entry.instruction, entry.input))
+        sequence = prompt + tokenizer.encode(entry.output) + [tokenizer.eot_token]
+        if len(prompt) >= block_size:
+            dropped += 1
+            continue
+        if len(sequence) > block_size + 1:
+            sequence, truncated = sequence[:block_size + 1], truncated + 1
+        ids.append(sequence)
+        prompt_lengths.append(len(prompt))
+    return Encoded(ids, prompt_lengths, truncated, dropped)
+
+
+def collate(sequences: list[list[int]], prompt_lengths: list[int], end_token: int,
+            mask_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y (B, longest - 1): padded with the end token to the batch's longest sequence, not to the context.
+
+    y is x shifted by one, as in pretraining. Each row keeps its own end token as a target (the model must learn
+    to stop) and ignores the padding after it. With mask_prompt the targets inside the prompt are ignored too: the
+    first target kept is the response's first token, predicted from the prompt's last position.
+    """
+    longest = max(len(s) for s in sequences)
+    padded = torch.full((len(sequences), longest), end_token, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        padded[row, :len(sequence)] = torch.tensor(sequence)
+    x, y = padded[:, :-1], padded[:, 1:].clone()
+    for row, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
+        y[row, len(sequence) - 1:] = IGNORE  # target j is token j + 1: past the last real token, all padding
+        if mask_prompt:
+            y[row, :prompt_length - 1] = IGNORE  # targets 0 .. prompt_length - 2 are the prompt's own tokens
+    return x, y
+
+
+def batches_for(encoded: Encoded, batch_size: int, seed: int, end_token: int,
+                mask_prompt: bool) -> finetune.EpochBatches:
+    def make_batch(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = rows.tolist()
+        return collate([encoded.ids[r] for r in rows], [encoded.prompt_lengths[r] for r in rows], end_token,
+                       mask_prompt)
+    return finetune.EpochBatches(len(encoded.ids), batch_size, seed, make_batch)
+
+
+@torch.no_grad()
+def response_loss(model: GPT, encoded: Encoded, runtime: Runtime, batch_size: int, end_token: int) -> float:
+    """Mean cross-entropy over every response token (and its end token) of a split, the prompt never counted: the
+    same measure whichever --mask_prompt trained the model."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(encoded.ids), batch_size):
+        rows = range(start, min(start + batch_size, len(encoded.ids)))
+        x, y = collate([encoded.ids[r] for r in rows], [encoded.prompt_lengths[r] for r in rows], end_token, True)
+        scored = int((y != IGNORE).sum())
+        with runtime.autocast():
+            total += model(runtime.to_device(x), runtime.to_device(y)).float().item() * scored
+        count += scored
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Responses, and the judge that scores them
+
+
+def respond(model: GPT, tokenizer: data.Tokenizer, style: str, entry: Entry, max_new_tokens: int) -> str:
+    """The model's greedy response to one entry, up to its end token."""
+    device = model.lm_head.weight.device
+    ids = generate.encode_prompt(format_prompt(style, entry.instruction, entry.input), tokenizer,
+                                 model.config.block_size)
+    result = generate.generate(model, torch.tensor([ids], device=device), max_new_tokens,
+                               generate.Sampling(temperature=0.0), stop_token=tokenizer.eot_token,
+                               vocab_size=tokenizer.vocab_size)
+    return tokenizer.decode(generate.until_stop(result.tokens[0].tolist(), tokenizer.eot_token)).strip()
+
+
+# The book's judge prompt (chapter 7.8), with the task as the alpaca prompt shows it (without "### Response:").
+JUDGE_PROMPT = ("Given the input `{task}` and correct output `{reference}`, score the model response `{response}` "
+                "on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only.")
+JUDGE_TIMEOUT_S = 120.0
+
+
+class JudgeUnreachable(Exception):
+    pass
+
+
+def ask_judge(url: str, model: str, prompt: str, timeout: float = JUDGE_TIMEOUT_S) -> str:
+    """One chat turn with an Ollama-compatible server (POST URL/api/chat), deterministic settings as the book's."""
+    request = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False,
+               "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}
+    http_request = urllib.request.Request(url.rstrip("/") + "/api/chat", data=json.dumps(request).encode(),
+                                          headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(http_request, timeout=timeout) as answer:
+            body = answer.read().decode("utf-8")
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise JudgeUnreachable(error_summary(err)) from None
+    # stream=False gives one JSON object; a server that streams anyway sends one object per line
+    try:
+        return "".join(json.loads(line)["message"]["content"] for line in body.splitlines() if line.strip())
+    except (ValueError, KeyError, TypeError):
+        raise JudgeUnreachable(f"the answer is not Ollama's /api/chat JSON: {body[:80]!r}") from None
+
+
+def parse_score(text: str) -> int | None:
+    """The integer 0-100 the judge was asked for, or None when it answered something else."""
+    match = re.fullmatch(r"\s*(\d{1,3})(?:\.0*)?\s*\.?\s*", text)
+    return int(match.group(1)) if match and int(match.group(1)) <= 100 else None
+
+
+def judge_responses(responses: list[dict], url: str, model: str) -> dict:
+    """Score each response in place ("score": int or None); the mean over the scored ones. A server that does not
+    answer ends the judging with one warning: the responses themselves are already saved."""
+    scores = []
+    from tqdm import tqdm
+    for response in tqdm(responses, desc="judging", unit="response", disable=None, file=sys.stderr):
+        task = format_prompt("alpaca", response["instruction"], response["input"]).removesuffix(
+            "\n\n### Response:\n")
+        prompt = JUDGE_PROMPT.format(task=task, reference=response["reference"], response=response["response"])
+        try:
+            response["score"] = parse_score(ask_judge(url, model, prompt))
+        except JudgeUnreachable as err:
+            print(f"warning: the judge at {url} did not answer ({err}); responses.json has the responses without "
+                  "scores. Start the server (e.g. `ollama serve` and `ollama pull llama3`) and rerun with "
+                  "--judge_url, or leave the option out", file=sys.stderr)
+            return {"judge_url": url, "judge_model": model, "error": str(err)}
+        if response["score"] is not None:
+            scores.append(response["score"])
+    unscored = len(responses) - len(scores)
+    if unscored:
+        print(f"warning: the judge answered {unscored} of {len(responses)} responses with something other than an "
+              "integer from 0 to 100; they are left out of the mean", file=sys.stderr)
+    return {"judge_url": url, "judge_model": model, "mean_score": sum(scores) / len(scores) if scores else None,
+            "scored": len(scores), "unscored": unscored}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class InstructRun:
+    """Everything an instruction-tuning run holds while it trains; the loop is finetune.py's."""
+
+    config: Config
+    options: dict
+    runtime: Runtime
+    run_dir: Path
+    tokenizer: data.Tokenizer
+    splits: dict[str, list[Entry]]
+    encoded: dict[str, Encoded]
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batches: finetune.EpochBatches
+    state: TrainState
+    info: dict  # what the checkpoint records: the prompt style, the base model, LoRA, the data set
+    metrics: runinfo.MetricsLog | None = None
+
+    def record(self) -> dict:
+        return {"tokenizer": self.tokenizer.to_dict(), "instruct": self.info, "options": self.options}
+
+
+def resolve_config(argv: list[str]) -> tuple[Config, dict, frozenset[str]]:
+    config, options, overridden = parse_args(argv, extra=OPTIONS)
+    for key, value in DEFAULTS.items():
+        if key not in overridden:
+            setattr(getattr(config, "data" if key == "val_fraction" else "train"), key, value)
+    if "dataset" not in overridden:
+        config.data.dataset = DEFAULT_DATASET
+    if options["prompt_style"] not in PROMPT_STYLES:
+        raise ConfigError(f"prompt_style={options['prompt_style']!r} is not one of {', '.join(PROMPT_STYLES)}")
+    options["mask_prompt"] = parse_bool("mask_prompt", options["mask_prompt"])
+    lora_given = any(arg.startswith(("--lora_rank=", "--lora-rank=")) for arg in argv)
+    if options["lora_rank"] < 0 or (lora_given and options["lora_rank"] < 1):
+        raise ConfigError(f"lora_rank={options['lora_rank']} must be 1 or more (16 is common), or leave it out to "
+                          "train every weight")
+    if options["epochs"] < 0:
+        raise ConfigError(f"epochs={options['epochs']} must be 1 or more")
+    if options["max_new_tokens"] < 1:
+        raise ConfigError(f"max_new_tokens={options['max_new_tokens']} must be 1 or more")
+    if not 0 < options["test_fraction"] < 1 or options["test_fraction"] + config.data.val_fraction >= 1:
+        raise ConfigError(f"test_fraction={options['test_fraction']} must be in (0, 1) and leave room for val_fraction="
+                          f"{config.data.val_fraction} and the train split")
+    if options["judge_url"] and not options["judge_url"].startswith(("http://", "https://")):
+        raise ConfigError(f"judge_url={options['judge_url']!r} is not an http:// or https:// URL; e.g. "
+                          "--judge_url=http://localhost:11434 for a local Ollama")
+    return config, options, overridden
+
+
+def start_run(config: Config, options: dict, overridden: frozenset[str]) -> InstructRun:
+    """The base model (or the resumed run), the data, what trains, the optimizer and the rest of the run."""
+    train = config.train
+    saved = None
+    if train.resume:
+        run_dir, saved = finetune.load_resumed(train, "instruct", record_key="instruct")
+        resumed = Config.from_dict(saved["config"])
+        if "max_iters" in overridden:  # the one setting a resume may change: train for longer
+            resumed.train.max_iters = train.max_iters
+        config, options, info = resumed, saved["options"], saved["instruct"]
+        train, model, tokenizer = config.train, GPT(config.model), data.get_tokenizer(saved["tokenizer"])
+    else:
+        base = finetune.load_base(train.init_from)
+        config.model = base.model_config  # the checkpoint's sizes, whatever the preset said
+        model, tokenizer = base.model, data.get_tokenizer(base.tokenizer)
+        info = {"prompt_style": options["prompt_style"], "mask_prompt": options["mask_prompt"],
+                "lora_rank": options["lora_rank"], "lora_alpha": options["lora_alpha"], "base": base.source,
+                "dataset": config.data.dataset}
+        run_dir = finetune.new_run_dir(train, "instruct")
+    if tokenizer.eot_token is None:
+        raise UserError(f"{info['base']} uses the {tokenizer.name} tokenizer, which has no end-of-text token to end a "
+                        "response with; pretrain with --tokenizer=gpt2 (the default), or use --init_from=gpt2")
+
+    splits = load_splits(config.data.dataset, options, config.data.val_fraction, train.seed)
+    block_size = config.model.block_size
+    encoded = {split: encode_entries(splits[split], tokenizer, info["prompt_style"], block_size) for split in SPLITS}
+    truncated, dropped = sum(e.truncated for e in encoded.values()), sum(e.dropped for e in encoded.values())
+    print(f"data: {config.data.dataset}: " + ", ".join(f"{s} {len(e.ids)}" for s, e in encoded.items()) + " entries"
+          + (f"; {truncated} longer than the context of {block_size} tokens were cut there" if truncated else "")
+          + (f"; {dropped} whose prompt alone fills the context were left out" if dropped else ""))
+    if not encoded["train"].ids:
+        raise UserError(f"no training entry fits the context of {block_size} tokens; use shorter entries or a model "
+                        "with a longer --block_size")
+
+    runtime = setup_runtime(train.device, train.dtype)
+    if runtime.distributed:
+        raise UserError("instruct.py runs in one process; start it with python, not torchrun")
+    torch.manual_seed(train.seed)
+    if info["lora_rank"]:
+        lora.add_lora(model, info["lora_rank"], info["lora_alpha"])
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    print(f"model: {info['base']}; trainable: {n_trainable:,} of {n_total:,} parameters"
+          + (f" (LoRA rank {info['lora_rank']}, alpha {info['lora_alpha']:g})" if info["lora_rank"] else "")
+          + f"; prompt style {info['prompt_style']}, loss on "
+          + ("the response only" if info["mask_prompt"] else "prompt and response"))
+    print(runtime.describe())
+    steps_per_epoch = max(1, len(encoded["train"].ids) // train.batch_size)
+    if saved is None and (options["epochs"] or "max_iters" not in overridden):
+        train.max_iters = steps_per_epoch * (options["epochs"] or DEFAULT_EPOCHS)
+    model.to(runtime.device)
+    print(fast.use_fast_kernels(model, train.fast_kernels, runtime.device_type, compiled=False))
+    optimizer = make_optimizer(model, train, runtime.device_type)
+    batches = batches_for(encoded["train"], train.batch_size, train.seed, tokenizer.eot_token, info["mask_prompt"])
+    run = InstructRun(config, options, runtime, run_dir, tokenizer, splits, encoded, model, optimizer,
+                      runtime.grad_scaler(), batches, TrainState(), info)
+    if saved is not None:
+        finetune.restore(run, saved)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {"kind": "instruct", "git_commit": runinfo.git_commit(), "config": config.to_dict(),
+                    "options": options, "instruct": info, "packages": runinfo.package_versions(),
+                    "trainable_parameters": n_trainable}
+        (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    run.metrics = runinfo.MetricsLog(run_dir, train.tensorboard)
+    print(f"training: {train.max_iters} steps of {train.batch_size} entries = "
+          f"{train.max_iters / steps_per_epoch:.1f} epochs, learning rate {train.learning_rate:g}")
+    return run
+
+
+def val_loss_now(run: InstructRun) -> float:
+    return response_loss(run.model, run.encoded["val"], run.runtime, run.config.train.batch_size,
+                         run.tokenizer.eot_token)
+
+
+def evaluate(run: InstructRun) -> float:
+    """The validation response loss now; every eval saves a checkpoint, the lowest loss becomes best.pt."""
+    state = run.state
+    val_loss = val_loss_now(run)
+    improved = val_loss < state.best_val_loss
+    state.best_val_loss = min(state.best_val_loss, val_loss)
+    print(f"eval step {state.step}: val response loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}")
+    run.metrics.write({"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val_loss,
+                       "val_perplexity": perplexity(val_loss), "elapsed_s": state.elapsed_s})
+    finetune.save(run, val_loss, improved)
+    return val_loss
+
+
+def finish(run: InstructRun, val_before: float | None, val_after: float) -> None:
+    """responses.json (every test entry answered), the judge's mean score when asked, results.json, loss.png."""
+    state, style, run_dir = run.state, run.info["prompt_style"], run.run_dir
+    ms_per_step = state.elapsed_s / max(1, state.step) * 1e3
+    print(f"trained {state.step} steps in {state.elapsed_s:.1f} s ({ms_per_step:.1f} ms per step)")
+    run.model.eval()
+    from tqdm import tqdm
+    responses = [{"instruction": e.instruction, "input": e.input, "reference": e.output,
+                  "response": respond(run.model, run.tokenizer, style, e, run.options["max_new_tokens"])}
+                 for e in tqdm(run.splits["test"], desc="test responses", unit="entry", disable=None,
+                               file=sys.stderr)]
+    (run_dir / "responses.json").write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n")
+    results = {"val_response_loss": {"before": val_before, "after": val_after},
+               "val_perplexity": {"before": perplexity(val_before) if val_before is not None else None,
+                                  "after": perplexity(val_after)},
+               "test_response_loss": response_loss(run.model, run.encoded["test"], run.runtime,
+                                                   run.config.train.batch_size, run.tokenizer.eot_token),
+               "ms_per_step": ms_per_step, "steps": state.step, "test_entries": len(responses)}
+    if run.options["judge_url"]:
+        results["judge"] = judge_responses(responses, run.options["judge_url"], run.options["judge_model"])
+        (run_dir / "responses.json").write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n")
+        if results["judge"].get("mean_score") is not None:
+            print(f"judge {run.options['judge_model']}: mean score {results['judge']['mean_score']:.1f} of 100 over "
+                  f"{results['judge']['scored']} responses")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    import plot
+    plot.plot_run(run_dir)
+    for example in responses[:3]:
+        print(f"\n### Instruction: {example['instruction']}" + (f"\n### Input: {example['input']}"
+                                                               if example["input"] else "")
+              + f"\n### Reference: {example['reference']}\n### Model: {example['response']}")
+    before = f"{val_before:.4f} -> " if val_before is not None else ""
+    print(f"\ndone: val response loss {before}{val_after:.4f}, test {results['test_response_loss']:.4f}; "
+          f"{run_dir}/responses.json, loss.png; ask it with python generate.py --ckpt={run_dir} "
+          "--instruction=\"...\"")
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, options, overridden = resolve_config(sys.argv[1:] if argv is None else argv)
+    run = start_run(config, options, overridden)
+    val_before = None
+    if run.state.step == 0:
+        val_before = val_loss_now(run)
+        print(f"before training: val response loss {val_before:.4f}, perplexity {perplexity(val_before):.2f}")
+    stop = StopRequest()
+    stop.install()
+    finetune.train_loop(run, stop, evaluate=lambda: evaluate(run))
+    val_after = evaluate(run)
+    if stop.requested:
+        print(f"{stop.signal_name}: saved {run.run_dir / 'last.pt'} at step {run.state.step}; continue with "
+              f"python instruct.py --resume --out_dir={run.run_dir}")
+        return
+    finish(run, val_before, val_after)
+
+
+if __name__ == "__main__":
+    run_cli(main)
