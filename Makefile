@@ -32,7 +32,7 @@ preset_arg = $(if $(PRESET),--preset=$(PRESET))
 dataset_arg = $(if $(DATASET),--dataset=$(DATASET))
 
 .PHONY: help setup-all setup install install-force test quick-test lint train train-ddp resume data generate info check-deps \
-        init plot bench gpu-check classify finetune eval export clean clean-checkpoints clean-all
+        init plot bench gpu-check classify instruct finetune eval export clean clean-checkpoints clean-all
 
 help: ## List the targets (PRESET=tiny|small|gpt2|..., ARGS="--key=value ...")
 	@echo "Targets:"
@@ -86,6 +86,9 @@ generate: $(VENV)/.installed ## Sample from the latest run (PROMPT="...", CKPT=P
 
 classify: $(VENV)/.installed ## Fine-tune the latest run into a classifier (offline: Shakespeare genres; ARGS="--dataset=F.csv ...")
 	$(PY) classify.py $(if $(INIT),--init_from=$(INIT)) $(dataset_arg) $(ARGS)
+
+instruct: $(VENV)/.installed ## Instruction-tune the latest run (offline: chatterbot-corpus dialogues; ARGS="--dataset=F.json ...")
+	$(PY) instruct.py $(if $(INIT),--init_from=$(INIT)) $(dataset_arg) $(ARGS)
 
 finetune: $(VENV)/.installed ## Fine-tune OpenAI's GPT-2 (INIT=gpt2|PATH) on DATASET (WikiText-2 by default)
 	$(PY) train.py --preset=gpt2-finetune --init_from=$(or $(INIT),gpt2) $(dataset_arg) $(ARGS)

@@ -31,7 +31,7 @@ import finetune
 import lora
 import runinfo
 import sources
-from config import Config, ConfigError, UserError, error_summary, parse_args, run_cli
+from config import Config, ConfigError, UserError, parse_args, run_cli
 from model import GPT
 from runtime import Runtime, StopRequest, setup_runtime
 from train import TrainState, make_optimizer
@@ -157,24 +157,12 @@ def check_columns(where: str, columns: list[str], text_column: str, label_column
 
 def read_hf(dataset: str, text_column: str, label_column: str) -> dict[str, list[tuple[str, str]]]:
     """The splits of a Hugging Face data set (hf:owner/name or hf:owner/name:config), with label names kept."""
-    import datasets
-
-    name, _, config = dataset.removeprefix("hf:").partition(":")
-    try:
-        loaded = datasets.load_dataset(name, config or None)
-    except Exception as err:  # datasets raises many types for "not reachable and not cached"
-        raise UserError(f"could not load {dataset} ({error_summary(err)}); connect to the Hugging Face "
-                        "Hub once, or give a local .csv/.jsonl/.parquet file") from None
     splits = {}
-    for split, ours in (("train", "train"), ("validation", "val"), ("valid", "val"), ("test", "test")):
-        if split in loaded and ours not in splits:
-            check_columns(dataset, loaded[split].column_names, text_column, label_column)
-            feature = loaded[split].features.get(label_column)
-            names = getattr(feature, "names", None)  # ClassLabel: ints with names
-            splits[ours] = [(str(t or ""), names[lab] if names else str(lab))
-                            for t, lab in zip(loaded[split][text_column], loaded[split][label_column])]
-    if "train" not in splits:
-        raise UserError(f"{dataset} has no train split (it has {', '.join(loaded)}); pick a data set with one")
+    for split, rows in sources.hf_splits(dataset, ".csv/.jsonl/.parquet").items():
+        check_columns(dataset, rows.column_names, text_column, label_column)
+        names = getattr(rows.features.get(label_column), "names", None)  # ClassLabel: ints with names
+        splits[split] = [(str(t or ""), names[lab] if names else str(lab))
+                         for t, lab in zip(rows[text_column], rows[label_column])]
     return splits
 
 

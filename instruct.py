@@ -150,21 +150,8 @@ def read_entries(path: Path, columns: dict[str, str]) -> list[Entry]:
 
 def read_hf(dataset: str, columns: dict[str, str]) -> dict[str, list[Entry]]:
     """The splits of a Hugging Face data set with these columns (or a `messages` column)."""
-    import datasets
-
-    name, _, config = dataset.removeprefix("hf:").partition(":")
-    try:
-        loaded = datasets.load_dataset(name, config or None)
-    except Exception as err:  # datasets raises many types for "not reachable and not cached"
-        raise UserError(f"could not load {dataset} ({error_summary(err)}); connect to the Hugging Face Hub once, "
-                        "or give a local .json/.jsonl file") from None
-    splits = {}
-    for split, ours in (("train", "train"), ("validation", "val"), ("valid", "val"), ("test", "test")):
-        if split in loaded and ours not in splits:
-            splits[ours] = entries_from_records(loaded[split].to_list(), f"{dataset} ({split})", columns)
-    if "train" not in splits:
-        raise UserError(f"{dataset} has no train split (it has {', '.join(loaded)}); pick a data set with one")
-    return splits
+    return {split: entries_from_records(rows.to_list(), f"{dataset} ({split})", columns)
+            for split, rows in sources.hf_splits(dataset, ".json/.jsonl").items()}
 
 
 def chatterbot_entries() -> list[Entry]:

@@ -194,6 +194,26 @@ def _hf_source(data: DataConfig) -> Source:
                   lambda: _load_with_datasets(name, config, None, data.text_column, data.val_fraction), options)
 
 
+def hf_splits(dataset: str, local_files: str) -> dict:
+    """The splits of a Hugging Face data set (hf:owner/name or hf:owner/name:config) as `datasets.Dataset`s under
+    our names train, val and test; for the fine-tuning scripts, which read columns rather than documents."""
+    import datasets
+
+    name, _, config = dataset.removeprefix("hf:").partition(":")
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as err:  # datasets raises many types for "not reachable and not cached"
+        raise UserError(f"could not load {dataset} ({error_summary(err)}); connect to the Hugging Face Hub once, "
+                        f"or give a local {local_files} file") from None
+    splits = {}
+    for split, ours in (("train", "train"), ("validation", "val"), ("valid", "val"), ("test", "test")):
+        if split in loaded and ours not in splits:
+            splits[ours] = loaded[split]
+    if "train" not in splits:
+        raise UserError(f"{dataset} has no train split (it has {', '.join(loaded)}); pick a data set with one")
+    return splits
+
+
 @contextlib.contextmanager
 def _hub_offline(offline: bool) -> Iterator[None]:
     """Put `datasets` in offline mode (cache only) without waiting on its retries, and restore the setting after."""

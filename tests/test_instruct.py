@@ -325,3 +325,18 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(offline_default):
     taken = run(pretrained, "--out_dir=tuned", cwd=root)
     assert taken.returncode == 2 and "already holds a run" in taken.stderr
     assert (root / "tuned" / "last.pt").read_bytes() == before
+
+
+def test_an_hf_data_set_keeps_its_own_splits_and_other_column_names(monkeypatch):
+    import datasets
+    rows = {"train": [{"prompt": f"q{i}", "context": "", "answer": f"a{i}"} for i in range(30)],
+            "validation": [{"prompt": "v", "context": "c", "answer": "w"}]}
+    loaded = datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: loaded)
+    options = {**instruct.OPTIONS, "instruction_column": "prompt", "input_column": "context", "output_column": "answer"}
+    splits = instruct.load_splits("hf:someone/qa", options, val_fraction=0.1, seed=0)
+    assert splits["val"] == [Entry("v", "c", "w")]  # the source's own validation split, not a share of train
+    assert len(splits["test"]) == 2 and len(splits["train"]) == 28  # test: 5% of the 30 train entries, rounded up
+    with pytest.raises(UserError, match="entry 0 has no 'reply' .*--output_column="):
+        instruct.load_splits("hf:someone/qa", dict(instruct.OPTIONS, instruction_column="prompt",
+                                                   output_column="reply"), 0.1, 0)
