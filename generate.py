@@ -1,6 +1,7 @@
 """Sample text from a trained checkpoint with a KV cache: each new token costs one position's work.
 
     python generate.py --prompt="Once upon a time" --max_new_tokens=100 --device=cpu   (or: make generate PROMPT=...)
+    python generate.py --ckpt=checkpoints/<instruct-run> --instruction="Name a color"   (an instruct.py model)
     python generate.py --bench     (decode tokens/s with and without the cache: bench.py's decode line)
 """
 

@@ -340,3 +340,20 @@ def test_an_hf_data_set_keeps_its_own_splits_and_other_column_names(monkeypatch)
     with pytest.raises(UserError, match="entry 0 has no 'reply' .*--output_column="):
         instruct.load_splits("hf:someone/qa", dict(instruct.OPTIONS, instruction_column="prompt",
                                                    output_column="reply"), 0.1, 0)
+
+
+def test_resume_continues_bitwise_like_a_run_that_never_stopped(offline_default):
+    root, _ = offline_default
+    entries = [{"instruction": f"Repeat {w}", "output": f"{w} {w}"} for w in "red green blue cyan gold pink".split()]
+    (root / "repeat.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries * 6))
+    common = ["--init_from=checkpoints/tiny-pretrained", "--dataset=repeat.jsonl", "--dtype=float32",
+              "--batch_size=4", "--lr_decay_iters=8", "--eval_interval=4", "--keep_last=10", "--max_new_tokens=2"]
+    assert run(*common, "--max_iters=8", "--out_dir=straight", cwd=root).returncode == 0
+    assert run(*common, "--max_iters=4", "--out_dir=halves", cwd=root).returncode == 0
+    resumed = run("--resume", "--out_dir=halves", "--max_iters=8", cwd=root)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming halves at step 4" in resumed.stdout
+    weights = [checkpoint.load_checkpoint(root / name / "last.pt")["model"] for name in ("straight", "halves")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    first_half = checkpoint.load_checkpoint(root / "halves" / "ckpt-0000004.pt")["model"]
+    assert not all(torch.equal(weights[0][k], first_half[k]) for k in first_half)  # it did train on
