@@ -475,21 +475,7 @@ class ClassifierRun:
         return {"tokenizer": self.tokenizer.to_dict(), "classifier": self.info, "options": self.options}
 
 
-@dataclass
-class Start:
-    """Where a run starts: its config and options, the model to fine-tune and its tokenizer, and for a resumed run
-    the checkpoint it continues."""
-
-    config: Config
-    options: dict
-    info: dict
-    gpt: GPT
-    tokenizer: data.Tokenizer
-    run_dir: Path
-    saved: dict | None = None
-
-
-def resolve_start(config: Config, options: dict, overridden: frozenset[str]) -> Start:
+def resolve_start(config: Config, options: dict, overridden: frozenset[str]) -> finetune.Start:
     """A new run from a pretrained model, or (--resume) the run in --out_dir from its newest checkpoint."""
     train = config.train
     if not train.resume:
@@ -498,12 +484,12 @@ def resolve_start(config: Config, options: dict, overridden: frozenset[str]) -> 
         info = {"trainable": parse_trainable(options["trainable"], config.model.n_layer),
                 "lora_rank": options["lora_rank"], "lora_alpha": options["lora_alpha"], "base": base.source}
         run_dir = finetune.new_run_dir(train, "classify")
-        return Start(config, options, info, base.model, data.get_tokenizer(base.tokenizer), run_dir)
+        return finetune.Start(config, options, info, base.model, data.get_tokenizer(base.tokenizer), run_dir)
     run_dir, saved = finetune.load_resumed(train, "classifier", record_key="classifier")
     resumed = Config.from_dict(saved["config"])
     if "max_iters" in overridden:  # the one setting a resume may change: train for longer
         resumed.train.max_iters = train.max_iters
-    return Start(resumed, saved["options"], saved["classifier"], GPT(resumed.model),
+    return finetune.Start(resumed, saved["options"], saved["classifier"], GPT(resumed.model),
                  data.get_tokenizer(saved["tokenizer"]), run_dir, saved)
 
 

@@ -14,17 +14,34 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import checkpoint
-from config import TrainConfig, UserError
+import data
+from config import Config, TrainConfig, UserError
+from model import GPT
 from runtime import StopRequest
 from train import TrainState, learning_rate_at, restore_scaler, train_step
 
 # manifest.json "kind" of the runs these scripts write; neither is a pretrained language model to start from
 FINE_TUNED_KINDS = ("classifier", "instruct")
+
+
+@dataclass
+class Start:
+    """Where a run starts: its config and options, what the checkpoint records about the run (`info`), the model to
+    fine-tune and its tokenizer, and for a resumed run the checkpoint it continues."""
+
+    config: Config
+    options: dict
+    info: dict
+    gpt: GPT
+    tokenizer: data.Tokenizer
+    run_dir: Path
+    saved: dict | None = None
 
 
 def load_base(init_from: str) -> checkpoint.LoadedModel:

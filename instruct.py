@@ -408,25 +408,31 @@ def resolve_config(argv: list[str]) -> tuple[Config, dict, frozenset[str]]:
     return config, options, overridden
 
 
-def start_run(config: Config, options: dict, overridden: frozenset[str]) -> InstructRun:
-    """The base model (or the resumed run), the data, what trains, the optimizer and the rest of the run."""
+def resolve_start(config: Config, options: dict, overridden: frozenset[str]) -> finetune.Start:
+    """A new run from a pretrained model, or (--resume) the run in --out_dir from its newest checkpoint."""
     train = config.train
-    saved = None
-    if train.resume:
-        run_dir, saved = finetune.load_resumed(train, "instruct", record_key="instruct")
-        resumed = Config.from_dict(saved["config"])
-        if "max_iters" in overridden:  # the one setting a resume may change: train for longer
-            resumed.train.max_iters = train.max_iters
-        config, options, info = resumed, saved["options"], saved["instruct"]
-        train, model, tokenizer = config.train, GPT(config.model), data.get_tokenizer(saved["tokenizer"])
-    else:
+    if not train.resume:
         base = finetune.load_base(train.init_from)
         config.model = base.model_config  # the checkpoint's sizes, whatever the preset said
-        model, tokenizer = base.model, data.get_tokenizer(base.tokenizer)
         info = {"prompt_style": options["prompt_style"], "mask_prompt": options["mask_prompt"],
                 "lora_rank": options["lora_rank"], "lora_alpha": options["lora_alpha"], "base": base.source,
                 "dataset": config.data.dataset}
-        run_dir = finetune.new_run_dir(train, "instruct")
+        return finetune.Start(config, options, info, base.model, data.get_tokenizer(base.tokenizer),
+                              finetune.new_run_dir(train, "instruct"))
+    run_dir, saved = finetune.load_resumed(train, "instruct", record_key="instruct")
+    resumed = Config.from_dict(saved["config"])
+    if "max_iters" in overridden:  # the one setting a resume may change: train for longer
+        resumed.train.max_iters = train.max_iters
+    return finetune.Start(resumed, saved["options"], saved["instruct"], GPT(resumed.model),
+                          data.get_tokenizer(saved["tokenizer"]), run_dir, saved)
+
+
+def start_run(config: Config, options: dict, overridden: frozenset[str]) -> InstructRun:
+    """The data, the model with what trains, the optimizer and the rest of the run, new or resumed."""
+    start = resolve_start(config, options, overridden)
+    config, options, info, model, tokenizer, run_dir, saved = (start.config, start.options, start.info, start.gpt,
+                                                               start.tokenizer, start.run_dir, start.saved)
+    train = config.train
     if tokenizer.eot_token is None:
         raise UserError(f"{info['base']} uses the {tokenizer.name} tokenizer, which has no end-of-text token to end a "
                         "response with; pretrain with --tokenizer=gpt2 (the default), or use --init_from=gpt2")
