@@ -265,7 +265,7 @@ def test_the_prompt_style_survives_the_checkpoint_and_generate_answers_as_instru
     root, done = offline_default
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = checkpoint.load_model(ckpt=str(root / "tuned"))
-    assert loaded.instruct["prompt_style"] == "alpaca" and loaded.instruct["mask_prompt"] is True
+    assert loaded.instruct["prompt_style"] == "alpaca" and loaded.instruct["mask_prompt"] is False
     asked = run("--ckpt=tuned", "--instruction=Name a primary color.", "--input=Pick one.", "--temperature=0",
                 "--max_new_tokens=6", cwd=root, script="generate.py")
     assert asked.returncode == 0, asked.stderr[-2000:]
