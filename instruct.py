@@ -64,6 +64,7 @@ IGNORE = -1  # a target the loss skips (model.py's F.cross_entropy(ignore_index=
 # ----------------------------------------------------------------------------------------------------------------
 # Prompt styles: how one entry becomes the text the model reads. The response follows the prompt directly.
 
+PROMPT_STYLES = ("alpaca", "chat")
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.")
 
@@ -82,9 +83,6 @@ def format_prompt(style: str, instruction: str, input_text: str = "") -> str:
     if style == "chat":
         return f"User: {instruction}" + (f"\n{input_text}" if input_text else "") + "\nAssistant: "
     raise ConfigError(f"prompt_style={style!r} is not one of {', '.join(PROMPT_STYLES)}")
-
-
-PROMPT_STYLES = ("alpaca", "chat")
 
 
 # ----------------------------------------------------------------------------------------------------------------
