@@ -89,6 +89,7 @@ class TrainConfig:
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum; 0: none
     muon_weight_decay: float = 0.0  # Muon's decoupled weight decay (multiplied by its lr, as AdamW's is)
     muon_adjust_lr: str = "original"  # torch.optim.Muon's adjust_lr_fn: original or match_rms_adamw
+    zero_init_proj: bool = False  # a new model starts with every block's output projections (c_proj) at zero
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

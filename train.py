@@ -350,6 +350,8 @@ def build_training(run: RunRequest, runtime: Runtime, train_data: TrainData, run
     config = run.config
     checkpoint.seed_everything(config.train.seed + runtime.rank)
     raw_model = (run.pretrained if run.pretrained is not None else GPT(config.model)).to(runtime.device)
+    if config.train.zero_init_proj and run.pretrained is None and run.resume_from is None:
+        zero_output_projections(raw_model)
     optimizer = make_optimizer(raw_model, config.train, runtime.device_type)
     scaler = runtime.grad_scaler()
     batches = Batches(train_data.train_tokens, config.train, config.model.block_size, seed=config.train.seed,
@@ -367,6 +369,16 @@ def build_training(run: RunRequest, runtime: Runtime, train_data: TrainData, run
         model = DistributedDataParallel(model, device_ids=device_ids)
     return Training(config, runtime, run_dir, train_data, model, raw_model, local_model, optimizer, scaler, batches,
                     state, log, compile_model, fast_kernels)
+
+
+def zero_output_projections(model: GPT) -> None:
+    """Start every block as the identity: with its attention and MLP output projections at zero, each block adds
+    nothing to the residual stream until their gradients (non-zero: the inputs to c_proj are not) grow them, so the
+    first steps train a shallow model that deepens itself (modded-nanogpt's init; GPT-2's own is model.py's)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                param.zero_()
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:

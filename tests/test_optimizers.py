@@ -139,3 +139,15 @@ def test_muon_state_round_trips_through_state_dict():
     assert len(buffers) == 4 * CONFIG.n_layer and all(b.abs().sum() > 0 for b in buffers)
     assert all(torch.equal(fresh.muon.state[p]["momentum_buffer"], optimizer.muon.state[p]["momentum_buffer"])
                for p in hidden_matrices(model))
+
+
+def test_zero_init_proj_makes_every_block_the_identity_at_the_start():
+    from train import zero_output_projections
+    torch.manual_seed(0)
+    model = GPT(CONFIG).eval()
+    zero_output_projections(model)
+    x = torch.randint(0, CONFIG.vocab_size, (2, 16))
+    embedded = model.transformer.wte(x) + model.transformer.wpe(torch.arange(16))
+    expected = model.lm_head(model.transformer.ln_f(embedded))  # no block changed the residual stream
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    assert model.transformer.h[0].mlp.c_fc.weight.abs().sum() > 0  # only the output projections are zero
