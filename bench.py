@@ -359,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
                 for compile_mode in (("False",) if quick else ("False", "True")):
                     runs.append((preset, dtype, compile_mode, "ours"))
             runs.append((preset, "bfloat16", "False", "plain"))  # --fast_kernels=False: what fast.py is worth
+            runs.append((preset, "bfloat16", "False", "muon"))  # what Muon's Newton-Schulz iterations cost a step
             if baseline_dir is not None:
                 runs.append((preset, "bfloat16", "False", "baseline"))
             if nanogpt_dir is not None:
@@ -376,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     command = our_command(preset, dtype, compile_mode, steps, data_dir, out_dir, eval_iters,
                                           root=baseline_dir if who == "baseline" else ROOT,
-                                          extra=("--fast_kernels=False",) if who == "plain" else ())
+                                          extra={"plain": ("--fast_kernels=False",),
+                                                 "muon": ("--optimizer=muon",)}.get(who, ()))
                 print(f"train {who} {preset} {dtype} compile={compile_mode} ({steps} steps) ...", file=sys.stderr)
                 code, output, rss_mb, wall = run_measured(command, {"nanoGPT": nanogpt_dir,
                                                                      "baseline": baseline_dir}.get(who, ROOT))
@@ -501,7 +503,7 @@ def print_table(report: dict) -> None:
         rows = {r["program"]: r for r in report["training"] if r["preset"] == preset and r["dtype"] == "bfloat16"
                 and r["compile"] == "False"}
         for other, meaning in (("plain", "model.py's plain path (--fast_kernels=False)"),
-                               ("baseline", "the --baseline_dir checkout")):
+                               ("baseline", "the --baseline_dir checkout"), ("muon", "--optimizer=muon")):
             if "ours" in rows and other in rows:
                 print(f"{preset}: time/step at the defaults vs {meaning}: "
                       f"{rows['ours']['step_ms']['median'] / rows[other]['step_ms']['median']:.2f}x")
