@@ -32,7 +32,7 @@ import runinfo
 from config import Config, ConfigError, ModelConfig, TrainConfig, UserError, parse_args, run_cli
 from data import Batches
 from model import GPT, count_parameters, flops_per_token
-from optimizers import make_optimizer, set_learning_rate, set_muon_momentum
+from optimizers import MuonWithAdamW, make_optimizer, set_learning_rate, set_muon_momentum
 from runtime import Runtime, StopRequest, explain_lost_ranks, measure_matmul_peak, setup_runtime, stop_agreed
 
 
@@ -328,7 +328,7 @@ class Training:
     model: torch.nn.Module  # what the loop calls: maybe compiled, maybe wrapped in DDP
     raw_model: GPT  # the weights themselves, as checkpoints save them
     local_model: torch.nn.Module  # compiled but never DDP-wrapped: evaluation has no collectives
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | MuonWithAdamW  # AdamW, or Muon beside AdamW (optimizers.py)
     scaler: torch.amp.GradScaler
     batches: Batches
     state: TrainState
