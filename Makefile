@@ -32,7 +32,7 @@ preset_arg = $(if $(PRESET),--preset=$(PRESET))
 dataset_arg = $(if $(DATASET),--dataset=$(DATASET))
 
 .PHONY: help setup-all setup install install-force test quick-test lint train train-ddp resume data generate info check-deps \
-        init plot bench gpu-check classify instruct finetune eval export clean clean-checkpoints clean-all
+        init plot bench gpu-check classify instruct finetune eval export average sweep clean clean-checkpoints clean-all
 
 help: ## List the targets (PRESET=tiny|small|gpt2|..., ARGS="--key=value ...")
 	@echo "Targets:"
@@ -99,6 +99,12 @@ eval: $(VENV)/.installed ## Perplexity over a whole split (CKPT=|RUN=|INIT=gpt2,
 
 export: $(VENV)/.installed ## Write a checkpoint as a transformers GPT-2 folder (CKPT=|RUN=, OUT=DIR)
 	$(PY) hf.py $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(if $(OUT),--out=$(OUT))
+
+average: $(VENV)/.installed ## Average a run's last step checkpoints into average.pt, scored beside the last (RUN=NAME|DIR, ARGS="--last=3")
+	$(PY) average.py $(if $(RUN),--run=$(RUN)) $(ARGS)
+
+sweep: $(VENV)/.installed ## train.py once per setting, a table of val loss vs step and minutes (ARGS="--vary=learning_rate=1e-3,2e-3 -- --max_iters=400")
+	$(PY) sweep.py $(ARGS)
 
 plot: $(VENV)/.installed ## Plot the loss curves of the latest run (RUN=NAME for another) to loss.png
 	$(PY) plot.py $(if $(RUN),--run=$(RUN))

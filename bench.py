@@ -51,6 +51,9 @@ OPTIONS = {
     "dtypes": "float32,bfloat16",  # the training rows' dtypes (the plain and baseline rows are bf16 only)
     "rss_data_scale": 20,  # also train TINY on a token file this many times larger, to show RSS is flat in it; 0: skip
     "gpu": False,  # only the GPU training benchmark (bench_gpu_training), written to --out
+    "time_to_loss": False,  # only the time-to-loss comparison with --nanogpt_dir (bench_time_to_loss)
+    "ttl_presets": "tiny",  # its shapes: tiny, small or tiny,small
+    "ttl_ours": "",  # our recipe on top of the shape and schedule; empty: TTL_OURS
 }
 
 # The configurations issue 8 compares with nanoGPT (gradient accumulation 1, GPT-2 vocabulary, dropout 0).
@@ -58,6 +61,14 @@ SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_si
           "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8)}
 # One learning-rate schedule for both programs, so their validation losses after the same steps can be compared.
 SCHEDULE = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=5, weight_decay=0.1, grad_clip=1.0)
+# Time to loss (issue 17): nanoGPT trains at small-model settings for TTL_STEPS; we then train at the same shape and
+# data and time how long we take to reach its final val loss, once with its recipe and once with ours (TTL_OURS).
+TTL_STEPS = {"tiny": 400, "small": 200}
+TTL_SCHEDULE = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
+TTL_OURS = ("--optimizer=muon", "--muon_adjust_lr=match_rms_adamw", "--muon_lr=8e-3", "--learning_rate=4e-3",
+            "--lr_schedule=wsd", "--cooldown_frac=0.3")  # the best of README's sweeps at TINY
+TTL_EVAL_EVERY = 25  # our eval interval while timing: the time to loss is read at the first eval below the target
+TTL_EVAL_ITERS = 40
 WARMUP_ITERATIONS = 2  # left out of the step time: the first holds compilation, both hold allocator warm-up
 
 ITER_LINE = re.compile(r"^iter (\d+): loss ([\d.naninf]+), time ([\d.]+) ?ms", re.M)
@@ -126,9 +137,10 @@ def our_command(preset: str, dtype: str, compile_mode: str, steps: int, data_dir
 
 
 def nanogpt_command(nanogpt_dir: Path, preset: str, compile_mode: bool, steps: int, data_dir: Path, out_dir: Path,
-                    eval_iters: int) -> list[str]:
+                    eval_iters: int, schedule: dict | None = None) -> list[str]:
     """nanoGPT's train.py at the same shapes and schedule; float32 (its autocast is off on the CPU), bias like GPT-2."""
-    args = {**SHAPES[preset], **SCHEDULE, "max_iters": steps, "lr_decay_iters": steps, "eval_interval": steps,
+    args = {**SHAPES[preset], **(schedule or SCHEDULE), "max_iters": steps, "lr_decay_iters": steps,
+            "eval_interval": steps,
             "eval_iters": eval_iters, "log_interval": 1, "dataset": str(data_dir.resolve()), "out_dir": str(out_dir),
             "device": "cpu", "dtype": "float32", "compile": compile_mode, "bias": True, "dropout": 0.0,
             "gradient_accumulation_steps": 1, "wandb_log": False, "always_save_checkpoint": False}
@@ -143,6 +155,59 @@ def parse_training(output: str, is_nanogpt: bool, steps: int) -> dict:
     vals = (NANOGPT_VAL_LINE if is_nanogpt else OUR_VAL_LINE).findall(output)
     return {"first_ms": times[0] if times else float("nan"), "steady_ms": times[WARMUP_ITERATIONS:],
             "val_loss": float(vals[-1]) if vals else float("nan")}
+
+
+def bench_time_to_loss(nanogpt_dir: Path, preset: str, data_dir: Path, workdir: Path, ours: tuple[str, ...]) -> dict:
+    """Seconds of training for nanoGPT (compiled float32, its fastest CPU setting) to finish TTL_STEPS[preset] steps,
+    and for us to first reach its final val loss, with its recipe and with ours; each run alone, one after another.
+
+    Training seconds, not wall: nanoGPT's are the mean of its step times after the first WARMUP_ITERATIONS (which
+    hold compilation and an eval) times the steps; ours are train.py's elapsed_s at that eval, the sum of all its
+    step times (evals left out, the first steps kept).
+    """
+    steps = TTL_STEPS[preset]
+    print(f"time to loss: nanoGPT {preset}, {steps} steps ...", file=sys.stderr)
+    command = nanogpt_command(nanogpt_dir, preset, True, steps, data_dir, workdir / f"ttl-nanogpt-{preset}",
+                              TTL_EVAL_ITERS, schedule=TTL_SCHEDULE)
+    code, output, _, _ = run_measured(command, nanogpt_dir)
+    if code != 0:
+        raise UserError(f"{' '.join(command)} failed with exit code {code}:\n{output[-2000:]}")
+    times = [float(t) for _, _, t in ITER_LINE.findall(output)][WARMUP_ITERATIONS:steps]
+    target = float(NANOGPT_VAL_LINE.findall(output)[-1])
+    result = {"preset": preset, "steps": steps, "target_val_loss": target,
+              "nanogpt_s": statistics.mean(times) * steps / 1e3, "ours": {}}
+    for label, extra in (("nanoGPT's recipe", ()), ("our recipe", ours)):
+        print(f"time to loss: ours {preset}, {label} ({' '.join(extra) or 'same settings'}) ...", file=sys.stderr)
+        out_dir = workdir / f"ttl-ours-{preset}-{len(result['ours'])}"
+        args = [f"--{k}={v}" for k, v in {**SHAPES[preset], **TTL_SCHEDULE}.items()]
+        args += [f"--preset={preset}", "--dropout=0.0", f"--max_iters={steps}", f"--data_dir={data_dir}",
+                 f"--out_dir={out_dir}", f"--eval_interval={TTL_EVAL_EVERY}", f"--eval_iters={TTL_EVAL_ITERS}",
+                 "--log_interval=25", "--device=cpu", *extra]
+        code, output, _, _ = run_measured([sys.executable, str(ROOT / "train.py"), *args], ROOT)
+        if code != 0:
+            raise UserError(f"train.py {' '.join(args)} failed with exit code {code}:\n{output[-2000:]}")
+        evals = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        evals = [e for e in evals if e["kind"] == "eval"]
+        reached = next((e for e in evals if e["val_loss"] <= target), None)
+        result["ours"][label] = {"args": " ".join(extra), "final_val_loss": evals[-1]["val_loss"],
+                                 "reached_at_step": reached["step"] if reached else None,
+                                 "seconds": reached["elapsed_s"] if reached else None,
+                                 "ratio": reached["elapsed_s"] / result["nanogpt_s"] if reached else None}
+    return result
+
+
+def describe_time_to_loss(result: dict) -> str:
+    lines = [f"time to loss, {result['preset']}: nanoGPT (compiled float32) ends {result['steps']} steps at val loss "
+             f"{result['target_val_loss']:.3f} after {result['nanogpt_s']:.0f} s of training"]
+    for label, row in result["ours"].items():
+        if row["seconds"] is None:
+            lines.append(f"  ours, {label}: not reached in {result['steps']} steps "
+                         f"(val loss {row['final_val_loss']:.3f})")
+        else:
+            lines.append(f"  ours, {label}: reached it at step {row['reached_at_step']} after {row['seconds']:.0f} s, "
+                         f"{row['ratio']:.2f}x nanoGPT's time (val loss {row['final_val_loss']:.3f} at step "
+                         f"{result['steps']})")
+    return "\n".join(lines)
 
 
 def bench_matmul(repeats: int) -> dict[str, list[float]]:
@@ -262,9 +327,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     repeats = options["repeats"] or 3
     train_repeats = options["repeats"] or 1
-    nanogpt_dir = Path(options["nanogpt_dir"]).expanduser() if options["nanogpt_dir"] else None
+    nanogpt_dir = Path(options["nanogpt_dir"]).expanduser().resolve() if options["nanogpt_dir"] else None
     if nanogpt_dir is not None and not (nanogpt_dir / "train.py").exists():
         raise UserError(f"--nanogpt_dir={nanogpt_dir} has no train.py; point it at a nanoGPT checkout")
+    if options["time_to_loss"]:
+        time_to_loss(options, nanogpt_dir, parsed.config.data.data_dir)
+        return
     dtypes = [d for d in options["dtypes"].split(",") if d]
     if not dtypes or set(dtypes) - {"float32", "bfloat16"}:
         raise UserError(f"--dtypes={options['dtypes']} is not a list of float32 and bfloat16; e.g. --dtypes=bfloat16")
@@ -292,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
                 for compile_mode in (("False",) if quick else ("False", "True")):
                     runs.append((preset, dtype, compile_mode, "ours"))
             runs.append((preset, "bfloat16", "False", "plain"))  # --fast_kernels=False: what fast.py is worth
+            runs.append((preset, "bfloat16", "False", "muon"))  # what Muon's Newton-Schulz iterations cost a step
             if baseline_dir is not None:
                 runs.append((preset, "bfloat16", "False", "baseline"))
             if nanogpt_dir is not None:
@@ -309,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     command = our_command(preset, dtype, compile_mode, steps, data_dir, out_dir, eval_iters,
                                           root=baseline_dir if who == "baseline" else ROOT,
-                                          extra=("--fast_kernels=False",) if who == "plain" else ())
+                                          extra={"plain": ("--fast_kernels=False",),
+                                                 "muon": ("--optimizer=muon",)}.get(who, ()))
                 print(f"train {who} {preset} {dtype} compile={compile_mode} ({steps} steps) ...", file=sys.stderr)
                 code, output, rss_mb, wall = run_measured(command, {"nanoGPT": nanogpt_dir,
                                                                      "baseline": baseline_dir}.get(who, ROOT))
@@ -383,6 +453,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {options['out']}")
 
 
+def time_to_loss(options: dict, nanogpt_dir: Path | None, data_dir: str) -> None:
+    """--time_to_loss: bench_time_to_loss for each of --ttl_presets, printed and written to --out."""
+    if nanogpt_dir is None:
+        raise UserError("--time_to_loss compares with nanoGPT: give --nanogpt_dir=DIR (a nanoGPT checkout)")
+    presets = [p for p in options["ttl_presets"].split(",") if p]
+    if not presets or set(presets) - set(TTL_STEPS):
+        raise UserError(f"--ttl_presets={options['ttl_presets']} is not a list of {', '.join(TTL_STEPS)}")
+    ours = tuple(options["ttl_ours"].split()) if options["ttl_ours"] else TTL_OURS
+    report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "torch": torch.__version__,
+              "time_to_loss": []}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        folder = nanogpt_data_dir(data_dir, Path(tmp))
+        for preset in presets:
+            report["time_to_loss"].append(bench_time_to_loss(nanogpt_dir, preset, folder, Path(tmp), ours))
+            print(describe_time_to_loss(report["time_to_loss"][-1]), flush=True)
+    Path(options["out"]).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {options['out']}")
+
+
 def print_table(report: dict) -> None:
     machine = report["machine"]
     print(f"machine: {machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
@@ -415,7 +504,7 @@ def print_table(report: dict) -> None:
         rows = {r["program"]: r for r in report["training"] if r["preset"] == preset and r["dtype"] == "bfloat16"
                 and r["compile"] == "False"}
         for other, meaning in (("plain", "model.py's plain path (--fast_kernels=False)"),
-                               ("baseline", "the --baseline_dir checkout")):
+                               ("baseline", "the --baseline_dir checkout"), ("muon", "--optimizer=muon")):
             if "ours" in rows and other in rows:
                 print(f"{preset}: time/step at the defaults vs {meaning}: "
                       f"{rows['ours']['step_ms']['median'] / rows[other]['step_ms']['median']:.2f}x")

@@ -67,6 +67,9 @@ class ModelConfig:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAMPLING = ("random", "epoch")
+OPTIMIZERS = ("adamw", "muon")
+LR_SCHEDULES = ("cosine", "wsd")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
 
 
 @dataclass
@@ -78,6 +81,15 @@ class TrainConfig:
     min_lr: float = 3e-5
     warmup_iters: int = 200
     lr_decay_iters: int = 0  # 0 means max_iters: cosine decay over the whole run
+    lr_schedule: str = "cosine"  # cosine decay after warmup, or wsd: warmup, constant, then a 1-sqrt cooldown
+    cooldown_frac: float = 0.2  # wsd: the share of lr_decay_iters spent cooling down to min_lr
+    optimizer: str = "adamw"  # adamw for every weight, or muon for the blocks' matrices and AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak rate; the schedule scales it as it scales learning_rate
+    muon_momentum: float = 0.95
+    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum; 0: none
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay (multiplied by its lr, as AdamW's is)
+    muon_adjust_lr: str = "original"  # torch.optim.Muon's adjust_lr_fn: original or match_rms_adamw
+    zero_init_proj: bool = False  # a new model starts with every block's output projections (c_proj) at zero
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -126,6 +138,18 @@ class TrainConfig:
             raise ConfigError(f"ddp_timeout_s={self.ddp_timeout_s} must be positive, e.g. --ddp_timeout_s=300")
         _require_choice("dtype", self.dtype, DTYPES)
         _require_choice("sampling", self.sampling, SAMPLING)
+        _require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _require_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _require_choice("muon_adjust_lr", self.muon_adjust_lr, MUON_ADJUST_LR)
+        if not 0 < self.cooldown_frac <= 1:
+            raise ConfigError(f"cooldown_frac={self.cooldown_frac} must be in (0, 1], e.g. --cooldown_frac=0.2")
+        if self.muon_lr <= 0:
+            raise ConfigError(f"muon_lr={self.muon_lr} must be positive, e.g. --muon_lr=0.02")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"muon_momentum={self.muon_momentum} must be in [0, 1), e.g. --muon_momentum=0.95")
+        if self.muon_momentum_warmup < 0 or self.muon_weight_decay < 0:
+            raise ConfigError(f"muon_momentum_warmup={self.muon_momentum_warmup} and muon_weight_decay="
+                              f"{self.muon_weight_decay} must be >= 0")
         device_type = self.device.split(":")[0]
         if device_type not in ("auto", "cpu", "cuda", "mps"):
             raise ConfigError(f"device={self.device!r} is not known; use auto, cpu, cuda, cuda:N or mps")

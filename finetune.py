@@ -136,7 +136,8 @@ def train_loop(run, stop: StopRequest, evaluate: Callable[[], float]) -> None:
     run.model.train()
     with tqdm(total=train.max_iters, initial=state.step, unit="step", disable=None, file=sys.stderr) as progress:
         while state.step < train.max_iters and not stop.requested:
-            lr = learning_rate_at(state.step, train.learning_rate, train.min_lr, train.warmup_iters, decay_iters)
+            lr = learning_rate_at(state.step, train.learning_rate, train.min_lr, train.warmup_iters, decay_iters,
+                                  train.lr_schedule, train.cooldown_frac)
             started = time.perf_counter()
             loss = train_step(run.model, run.optimizer, run.scaler, run.batches, run.runtime, train, lr)
             state.step += 1

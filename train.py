@@ -11,7 +11,6 @@ main() reads as the phases of a run: resolve the run, its data, the model and op
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import sys
@@ -33,6 +32,7 @@ import runinfo
 from config import Config, ConfigError, ModelConfig, TrainConfig, UserError, parse_args, run_cli
 from data import Batches
 from model import GPT, count_parameters, flops_per_token
+from optimizers import MuonWithAdamW, make_optimizer, set_learning_rate, set_muon_momentum
 from runtime import Runtime, StopRequest, explain_lost_ranks, measure_matmul_peak, setup_runtime, stop_agreed
 
 
@@ -46,18 +46,28 @@ class TrainState:
     elapsed_s: float = 0.0  # training wall time over all sessions of this run
 
 
-def learning_rate_at(step: int, base_lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
-    """Linear warmup from base_lr/warmup_iters to base_lr, then cosine decay to min_lr at decay_iters, then flat.
+def learning_rate_at(step: int, base_lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
+                     schedule: str = "cosine", cooldown_frac: float = 0.2) -> float:
+    """Linear warmup from base_lr/warmup_iters to base_lr, then a decay to min_lr at decay_iters, then flat.
 
     Warmup: at the start AdamW's moment estimates rest on a few batches and the weights are random, so full-size
     steps can throw the model into a bad region it never leaves; ramping the rate up lets both settle first.
     Cosine decay: a large rate makes fast progress early, a small one settles into a minimum late; the cosine moves
     smoothly from one to the other, slowly at both ends (Loshchilov & Hutter 2017).
+    wsd (warmup, stable, decay): base_lr until the last cooldown_frac of decay_iters, then down to min_lr as
+    1 - sqrt(progress) (Hägele et al. 2024). The long flat part keeps making fast progress; the short cooldown
+    takes the loss down at the end.
     """
     if step < warmup_iters:
         return base_lr * (step + 1) / warmup_iters
     if step >= decay_iters:
         return min_lr
+    if schedule == "wsd":
+        cooldown_start = decay_iters - max(1, round(cooldown_frac * decay_iters))
+        if step < cooldown_start:
+            return base_lr
+        progress = (step - cooldown_start) / max(1, decay_iters - cooldown_start)
+        return min_lr + (1.0 - math.sqrt(progress)) * (base_lr - min_lr)
     progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (base_lr - min_lr)
 
@@ -65,19 +75,6 @@ def learning_rate_at(step: int, base_lr: float, min_lr: float, warmup_iters: int
 def perplexity(loss: float) -> float:
     """exp(loss), capped so that the loss of a diverged run prints as a large number instead of overflowing."""
     return math.exp(min(loss, 50))
-
-
-def make_optimizer(model: torch.nn.Module, train: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases or LayerNorm gains); fused if available."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    extra = {}
-    if "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu"):
-        extra["fused"] = True  # one kernel for all parameters instead of a dozen per tensor
-    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.beta1, train.beta2), **extra)
 
 
 def train_step(model, optimizer, scaler, batches: Batches, runtime: Runtime, train: TrainConfig,
@@ -88,8 +85,7 @@ def train_step(model, optimizer, scaler, batches: Batches, runtime: Runtime, tra
     weights and optimizer state are left exactly as they were. Under DDP every rank agrees on skipping, and the
     ranks whose own loss was not finite are appended to `culprits` (all ranks when only the gradients were).
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, lr, train)
     accumulation = train.gradient_accumulation_steps
     total_loss = torch.zeros((), device=runtime.device)
     for micro_step in range(accumulation):
@@ -222,7 +218,8 @@ def resolve_run(argv: list[str]) -> RunRequest:
 def merge_resume_config(saved: Config, parsed: Config, overridden: frozenset[str]) -> Config:
     """The saved run's config, with the user's explicit overrides on top (e.g. more max_iters) where they are safe."""
     fixed = {f.name for f in dataclasses.fields(ModelConfig)} - {"dropout"}
-    fixed |= {"tokenizer", "dataset", "data_dir", "batch_size", "gradient_accumulation_steps", "sampling", "seed"}
+    fixed |= {"tokenizer", "dataset", "data_dir", "batch_size", "gradient_accumulation_steps", "sampling", "seed",
+              "optimizer"}  # a checkpoint's optimizer state fits only the optimizer that wrote it
     for key in sorted(overridden):
         if key in ("resume", "out_dir", "run_name"):
             continue
@@ -331,7 +328,7 @@ class Training:
     model: torch.nn.Module  # what the loop calls: maybe compiled, maybe wrapped in DDP
     raw_model: GPT  # the weights themselves, as checkpoints save them
     local_model: torch.nn.Module  # compiled but never DDP-wrapped: evaluation has no collectives
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | MuonWithAdamW  # AdamW, or Muon beside AdamW (optimizers.py)
     scaler: torch.amp.GradScaler
     batches: Batches
     state: TrainState
@@ -353,6 +350,8 @@ def build_training(run: RunRequest, runtime: Runtime, train_data: TrainData, run
     config = run.config
     checkpoint.seed_everything(config.train.seed + runtime.rank)
     raw_model = (run.pretrained if run.pretrained is not None else GPT(config.model)).to(runtime.device)
+    if config.train.zero_init_proj and run.pretrained is None and run.resume_from is None:
+        zero_output_projections(raw_model)
     optimizer = make_optimizer(raw_model, config.train, runtime.device_type)
     scaler = runtime.grad_scaler()
     batches = Batches(train_data.train_tokens, config.train, config.model.block_size, seed=config.train.seed,
@@ -370,6 +369,16 @@ def build_training(run: RunRequest, runtime: Runtime, train_data: TrainData, run
         model = DistributedDataParallel(model, device_ids=device_ids)
     return Training(config, runtime, run_dir, train_data, model, raw_model, local_model, optimizer, scaler, batches,
                     state, log, compile_model, fast_kernels)
+
+
+def zero_output_projections(model: GPT) -> None:
+    """Start every block as the identity: with its attention and MLP output projections at zero, each block adds
+    nothing to the residual stream until their gradients (non-zero: the inputs to c_proj are not) grow them, so the
+    first steps train a shallow model that deepens itself (modded-nanogpt's init; GPT-2's own is model.py's)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                param.zero_()
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
@@ -482,7 +491,9 @@ def train_loop(t: Training, stop: StopRequest) -> bool:
     t.model.train()
     bad_steps = 0
     while state.step < train.max_iters and not stop_agreed(stop, runtime):
-        lr = learning_rate_at(state.step, train.learning_rate, train.min_lr, train.warmup_iters, decay_iters)
+        lr = learning_rate_at(state.step, train.learning_rate, train.min_lr, train.warmup_iters, decay_iters,
+                              train.lr_schedule, train.cooldown_frac)
+        set_muon_momentum(t.optimizer, state.step, train)
         started = time.perf_counter()
         culprits: list[int] = []
         loss = train_step(t.model, t.optimizer, t.scaler, t.batches, runtime, train, lr, culprits)

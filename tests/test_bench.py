@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
     ("--dtypes=float16", "--dtypes=float16 is not a list of float32 and bfloat16"),
     ("--dtypes=", "--dtypes= is not a list of float32 and bfloat16"),
     ("--baseline_dir=no/such/checkout", "has no train.py; point it at a checkout of this repository"),
+    ("--time_to_loss", "--time_to_loss compares with nanoGPT: give --nanogpt_dir=DIR"),
 ])
 def test_bad_options_are_one_line_and_exit_2_before_measuring(tmp_path, option, message):
     done = subprocess.run([sys.executable, str(REPO / "bench.py"), option, f"--out={tmp_path / 'bench.json'}"],

@@ -51,6 +51,12 @@ def test_unknown_key_suggests_the_closest_names():
     (["--sampling=epochs"], r"sampling='epochs' is not one of random, epoch \(did you mean epoch\?\)"),
     (["--tokenizer=bpe"], r"tokenizer='bpe' is not one of gpt2, char"),
     (["n_layer=3"], r"argument 'n_layer=3' is not of the form --key=value"),
+    (["--optimizer=mun"], r"optimizer='mun' is not one of adamw, muon \(did you mean muon\?\)"),
+    (["--lr_schedule=linear"], r"lr_schedule='linear' is not one of cosine, wsd"),
+    (["--muon_adjust_lr=rms"], r"muon_adjust_lr='rms' is not one of original, match_rms_adamw"),
+    (["--cooldown_frac=0"], r"cooldown_frac=0.0 must be in \(0, 1\]"),
+    (["--muon_lr=-1"], r"muon_lr=-1.0 must be positive"),
+    (["--muon_momentum=1"], r"muon_momentum=1.0 must be in \[0, 1\)"),
 ])
 def test_invalid_values_are_rejected_with_the_value_and_a_fix(args, message):
     with pytest.raises(ConfigError, match=message):

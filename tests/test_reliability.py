@@ -184,13 +184,25 @@ def test_no_unsafe_deserialisation_anywhere_in_the_code():
     assert offenders == []
 
 
-def test_resume_is_bitwise_exact_and_the_check_has_teeth(tmp_path):
+# The mutations that must break an exact resume, per optimizer: the RNG, and the optimizer's own state (AdamW's
+# moments; for Muon its momentum buffers, AdamW's moments for the rest and the warmed-up momentum).
+RESUME_MUTATIONS = {
+    "adamw": {"no_rng": "checkpoint.set_rng_state = lambda state: None",
+              "no_optimizer": "torch.optim.AdamW.load_state_dict = lambda self, s: None"},
+    "muon": {"no_muon_state": "torch.optim.Muon.load_state_dict = lambda self, s: None"},
+}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bitwise_exact_and_the_check_has_teeth(tmp_path, optimizer):
     """The exact-resume comparison must fail when resume skips the RNG or the optimizer state (mutation check)."""
     corpus = tmp_path / "corpus.txt"
     from tests.test_train import make_text
     corpus.write_text(make_text(4000))
     common = [*TINY_ARGS, f"--dataset={corpus}", "--dtype=float32", "--dropout=0.1", "--gradient_accumulation_steps=2",
-              "--lr_decay_iters=16", "--log_interval=4", "--eval_interval=8"]
+              "--lr_decay_iters=16", "--log_interval=4", "--eval_interval=8", f"--optimizer={optimizer}"]
+    if optimizer == "muon":
+        common += ["--muon_momentum_warmup=12", "--lr_schedule=wsd", "--cooldown_frac=0.5"]
     run_train(tmp_path, *common, "--max_iters=16", "--out_dir=straight")
     straight = checkpoint.load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
 
@@ -212,9 +224,8 @@ def test_resume_is_bitwise_exact_and_the_check_has_teeth(tmp_path):
     losses = {name: {r["step"]: r["train_loss"] for r in metrics(tmp_path / name, "train")} for name in ("straight",
                                                                                                       "exact")}
     assert sorted(losses["exact"]) == [4, 8, 12, 16] and losses["exact"] == losses["straight"]
-    assert not same(resumed_weights("no_rng", "checkpoint.set_rng_state = lambda state: None"), straight)
-    assert not same(resumed_weights("no_optimizer", "torch.optim.AdamW.load_state_dict = lambda self, s: None"),
-                    straight)
+    for name, mutation in RESUME_MUTATIONS[optimizer].items():
+        assert not same(resumed_weights(name, mutation), straight), name
 
 
 def test_soak_400_steps_learns_without_leaking_and_keeps_keep_last_checkpoints(tmp_path):

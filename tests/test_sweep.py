@@ -1,0 +1,41 @@
+"""sweep.py: the variants it builds, its refusals, and the table it prints (no training: that is train.py's)."""
+
+import pytest
+
+from config import ConfigError, UserError
+from sweep import parse, table
+
+
+def test_vary_and_variant_make_one_run_each_with_the_common_arguments(tmp_path):
+    argv = ["--vary=learning_rate=1e-3,2e-3", "--variant=--optimizer=muon --muon_lr=0.02",
+            f"--out_dir={tmp_path / 'sweep'}", "--jobs=2", "--", "--preset=tiny"]
+    variants, common, out_dir, jobs = parse(argv)
+    assert variants == [["--learning_rate=1e-3"], ["--learning_rate=2e-3"], ["--optimizer=muon", "--muon_lr=0.02"]]
+    assert common == ["--preset=tiny"] and out_dir == tmp_path / "sweep" and jobs == 2
+
+
+@pytest.mark.parametrize("argv, error, message", [
+    ([], ConfigError, "nothing to sweep"),
+    (["--vary=learning_rate"], ConfigError, "use --vary=NAME=V1,V2"),
+    (["--vary=lr=1", "--jobs=0"], ConfigError, "--jobs must be a positive integer"),
+    (["--vary=lr=1", "--", "--out_dir=x"], ConfigError, "would make every run write to one folder"),
+    (["--vary=lr=1", "--seed=1"], ConfigError, "unknown option --seed=1"),
+])
+def test_bad_arguments_are_refused_with_the_fix(argv, error, message):
+    with pytest.raises(error, match=message):
+        parse(argv)
+
+
+def test_a_non_empty_out_dir_is_refused(tmp_path):
+    (tmp_path / "old.log").write_text("a previous sweep")
+    with pytest.raises(UserError, match="is not empty"):
+        parse(["--vary=learning_rate=1e-3", f"--out_dir={tmp_path}"])
+
+
+def test_table_has_a_row_per_run_and_a_column_per_eval_step():
+    results = [{"args": "--a", "curve": [{"step": 50, "minutes": 0.5, "val_loss": 6.0},
+                                         {"step": 100, "minutes": 1.0, "val_loss": 5.5}]},
+               {"args": "--b", "curve": [{"step": 50, "minutes": 0.6, "val_loss": 5.9}]}]  # stopped early
+    lines = table(results).splitlines()
+    assert lines[0] == "| run | step 50 | step 100 | minutes |"
+    assert lines[2] == "| `--a` | 6.0000 | 5.5000 | 1.00 |" and lines[3] == "| `--b` | 5.9000 | - | 0.60 |"
