@@ -485,12 +485,7 @@ def resolve_start(config: Config, options: dict, overridden: frozenset[str]) -> 
                 "lora_rank": options["lora_rank"], "lora_alpha": options["lora_alpha"], "base": base.source}
         run_dir = finetune.new_run_dir(train, "classify")
         return finetune.Start(config, options, info, base.model, data.get_tokenizer(base.tokenizer), run_dir)
-    run_dir, saved = finetune.load_resumed(train, "classifier", record_key="classifier")
-    resumed = Config.from_dict(saved["config"])
-    if "max_iters" in overridden:  # the one setting a resume may change: train for longer
-        resumed.train.max_iters = train.max_iters
-    return finetune.Start(resumed, saved["options"], saved["classifier"], GPT(resumed.model),
-                 data.get_tokenizer(saved["tokenizer"]), run_dir, saved)
+    return finetune.resumed_start(train, overridden, "classifier", record_key="classifier")
 
 
 def start_run(config: Config, options: dict, overridden: frozenset[str]) -> ClassifierRun:

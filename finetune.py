@@ -70,8 +70,9 @@ def new_run_dir(train: TrainConfig, kind: str) -> Path:
     return run_dir
 
 
-def load_resumed(train: TrainConfig, kind: str, record_key: str) -> tuple[Path, dict]:
-    """--resume --out_dir=DIR: the run folder and its newest valid checkpoint, which must be of this kind."""
+def resumed_start(train: TrainConfig, overridden: frozenset[str], kind: str, record_key: str) -> Start:
+    """--resume --out_dir=DIR: the run folder's newest valid checkpoint, which must be of this kind, with the
+    config it was saved with; --max_iters is the one setting a resume may change (train for longer)."""
     if not train.out_dir:
         raise UserError(f"--resume needs the {kind} run's folder: --resume --out_dir=checkpoints/<run>")
     run_dir = Path(train.out_dir)
@@ -80,7 +81,11 @@ def load_resumed(train: TrainConfig, kind: str, record_key: str) -> tuple[Path, 
     saved = checkpoint.load_checkpoint(checkpoint.newest_valid_checkpoint(run_dir, say=print))
     if not saved.get(record_key):
         raise UserError(f"{run_dir} is not a {kind} run; resume it with the script that wrote it")
-    return run_dir, saved
+    resumed = Config.from_dict(saved["config"])
+    if "max_iters" in overridden:
+        resumed.train.max_iters = train.max_iters
+    return Start(resumed, saved["options"], saved[record_key], GPT(resumed.model),
+                 data.get_tokenizer(saved["tokenizer"]), run_dir, saved)
 
 
 class EpochBatches:

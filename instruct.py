@@ -417,12 +417,7 @@ def resolve_start(config: Config, options: dict, overridden: frozenset[str]) -> 
                 "dataset": config.data.dataset}
         return finetune.Start(config, options, info, base.model, data.get_tokenizer(base.tokenizer),
                               finetune.new_run_dir(train, "instruct"))
-    run_dir, saved = finetune.load_resumed(train, "instruct", record_key="instruct")
-    resumed = Config.from_dict(saved["config"])
-    if "max_iters" in overridden:  # the one setting a resume may change: train for longer
-        resumed.train.max_iters = train.max_iters
-    return finetune.Start(resumed, saved["options"], saved["instruct"], GPT(resumed.model),
-                          data.get_tokenizer(saved["tokenizer"]), run_dir, saved)
+    return finetune.resumed_start(train, overridden, "instruct", record_key="instruct")
 
 
 def start_run(config: Config, options: dict, overridden: frozenset[str]) -> InstructRun:
