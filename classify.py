@@ -526,15 +526,7 @@ def start_run(config: Config, options: dict, overridden: frozenset[str]) -> Clas
     run = ClassifierRun(config, options, runtime, run_dir, tokenizer, label_names, encoded, classifier, optimizer,
                         runtime.grad_scaler(), class_batches(encoded["train"], train.batch_size, train.seed),
                         TrainState(), info)
-    if saved is not None:
-        finetune.restore(run, saved)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        manifest = {"kind": "classifier", "git_commit": runinfo.git_commit(), "config": config.to_dict(),
-                    "options": options, "classifier": info, "packages": runinfo.package_versions(),
-                    "trainable_parameters": n_trainable}
-        (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    run.metrics = runinfo.MetricsLog(run_dir, train.tensorboard)
+    finetune.begin(run, saved, "classifier", n_trainable)
     steps_per_epoch = max(1, len(encoded["train"].labels) // train.batch_size)
     print(f"training: {train.max_iters} steps of {train.batch_size} texts = {train.max_iters / steps_per_epoch:.1f} "
           f"epochs, learning rate {train.learning_rate:g}")

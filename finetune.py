@@ -11,6 +11,7 @@ train.train_step; checkpoints are checkpoint.py's atomic, verified saves, so a r
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import torch
 
 import checkpoint
 import data
+import runinfo
 from config import Config, TrainConfig, UserError
 from model import GPT
 from runtime import StopRequest
@@ -111,6 +113,20 @@ class EpochBatches:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.order, self.position = state["order"], state["position"]
+
+
+def begin(run, saved: dict | None, kind: str, trainable_parameters: int) -> None:
+    """A resumed run continues from its checkpoint; a new one writes manifest.json (what it is, from what code and
+    packages). Either way metrics.jsonl is opened for appending."""
+    if saved is not None:
+        restore(run, saved)
+    else:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {"kind": kind, "git_commit": runinfo.git_commit(), "config": run.config.to_dict(),
+                    **run.record(), "packages": runinfo.package_versions(),
+                    "trainable_parameters": trainable_parameters}
+        (run.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    run.metrics = runinfo.MetricsLog(run.run_dir, run.config.train.tensorboard)
 
 
 def save(run, val_loss: float | None = None, is_best: bool = False) -> None:

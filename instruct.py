@@ -463,15 +463,7 @@ def start_run(config: Config, options: dict, overridden: frozenset[str]) -> Inst
     batches = batches_for(encoded["train"], train.batch_size, train.seed, tokenizer.eot_token, info["mask_prompt"])
     run = InstructRun(config, options, runtime, run_dir, tokenizer, splits, encoded, model, optimizer,
                       runtime.grad_scaler(), batches, TrainState(), info)
-    if saved is not None:
-        finetune.restore(run, saved)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        manifest = {"kind": "instruct", "git_commit": runinfo.git_commit(), "config": config.to_dict(),
-                    "options": options, "instruct": info, "packages": runinfo.package_versions(),
-                    "trainable_parameters": n_trainable}
-        (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    run.metrics = runinfo.MetricsLog(run_dir, train.tensorboard)
+    finetune.begin(run, saved, "instruct", n_trainable)
     print(f"training: {train.max_iters} steps of {train.batch_size} entries = "
           f"{train.max_iters / steps_per_epoch:.1f} epochs, learning rate {train.learning_rate:g}")
     return run
