@@ -65,8 +65,13 @@ SCHEDULE = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=5, weight_decay=0.
 # data and time how long we take to reach its final val loss, once with its recipe and once with ours (TTL_OURS).
 TTL_STEPS = {"tiny": 400, "small": 200}
 TTL_SCHEDULE = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
-TTL_OURS = ("--optimizer=muon", "--muon_adjust_lr=match_rms_adamw", "--muon_lr=8e-3", "--learning_rate=4e-3",
-            "--lr_schedule=wsd", "--cooldown_frac=0.3")  # the best of README's sweeps at TINY
+# Our recipe per shape (README "Optimizer and schedule" has the sweeps behind it): Muon for the blocks' matrices, a
+# higher AdamW rate for the embeddings, a short warmup, and a wsd schedule whose cooldown ends about where nanoGPT's
+# loss is reached; at TINY also a smaller batch, which reaches a loss sooner in seconds than batch 12 does.
+MUON = ("--optimizer=muon", "--muon_adjust_lr=match_rms_adamw", "--lr_schedule=wsd", "--cooldown_frac=0.3",
+        "--warmup_iters=10")
+TTL_OURS = {"tiny": (*MUON, "--muon_lr=8e-3", "--learning_rate=8e-3", "--batch_size=8", "--max_iters=175"),
+            "small": (*MUON, "--muon_lr=4e-3", "--learning_rate=2e-3", "--max_iters=100")}
 TTL_EVAL_EVERY = 25  # our eval interval while timing: the time to loss is read at the first eval below the target
 TTL_EVAL_ITERS = 40
 WARMUP_ITERATIONS = 2  # left out of the step time: the first holds compilation, both hold allocator warm-up
@@ -131,6 +136,8 @@ def our_command(preset: str, dtype: str, compile_mode: str, steps: int, data_dir
     args += [f"--preset={preset}", "--dropout=0.0", "--gradient_accumulation_steps=1", f"--max_iters={steps}",
              f"--lr_decay_iters={steps}", f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--log_interval=1",
              f"--eval_interval={steps}", f"--eval_iters={eval_iters}", "--device=cpu", f"--dtype={dtype}"]
+    if root == ROOT:  # AdamW like nanoGPT, whatever the preset's own optimizer (older checkouts lack these options)
+        args += ["--optimizer=adamw", "--lr_schedule=cosine"]
     if compile_mode != "default":
         args.append(f"--compile={compile_mode}")
     return [sys.executable, str(root / "train.py"), *args, *extra]
@@ -157,7 +164,8 @@ def parse_training(output: str, is_nanogpt: bool, steps: int) -> dict:
             "val_loss": float(vals[-1]) if vals else float("nan")}
 
 
-def bench_time_to_loss(nanogpt_dir: Path, preset: str, data_dir: Path, workdir: Path, ours: tuple[str, ...]) -> dict:
+def bench_time_to_loss(nanogpt_dir: Path, preset: str, data_dir: Path, workdir: Path,
+                       ours: tuple[str, ...] | None = None) -> dict:
     """Seconds of training for nanoGPT (compiled float32, its fastest CPU setting) to finish TTL_STEPS[preset] steps,
     and for us to first reach its final val loss, with its recipe and with ours; each run alone, one after another.
 
@@ -176,24 +184,38 @@ def bench_time_to_loss(nanogpt_dir: Path, preset: str, data_dir: Path, workdir: 
     target = float(NANOGPT_VAL_LINE.findall(output)[-1])
     result = {"preset": preset, "steps": steps, "target_val_loss": target,
               "nanogpt_s": statistics.mean(times) * steps / 1e3, "ours": {}}
-    for label, extra in (("nanoGPT's recipe", ()), ("our recipe", ours)):
+    for label, extra in (("nanoGPT's recipe", ()), ("our recipe", TTL_OURS[preset] if ours is None else ours)):
         print(f"time to loss: ours {preset}, {label} ({' '.join(extra) or 'same settings'}) ...", file=sys.stderr)
         out_dir = workdir / f"ttl-ours-{preset}-{len(result['ours'])}"
-        args = [f"--{k}={v}" for k, v in {**SHAPES[preset], **TTL_SCHEDULE}.items()]
-        args += [f"--preset={preset}", "--dropout=0.0", f"--max_iters={steps}", f"--data_dir={data_dir}",
-                 f"--out_dir={out_dir}", f"--eval_interval={TTL_EVAL_EVERY}", f"--eval_iters={TTL_EVAL_ITERS}",
-                 "--log_interval=25", "--device=cpu", *extra]
+        args = time_to_loss_args(preset, data_dir, out_dir, extra)
         code, output, _, _ = run_measured([sys.executable, str(ROOT / "train.py"), *args], ROOT)
         if code != 0:
             raise UserError(f"train.py {' '.join(args)} failed with exit code {code}:\n{output[-2000:]}")
         evals = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-        evals = [e for e in evals if e["kind"] == "eval"]
-        reached = next((e for e in evals if e["val_loss"] <= target), None)
-        result["ours"][label] = {"args": " ".join(extra), "final_val_loss": evals[-1]["val_loss"],
-                                 "reached_at_step": reached["step"] if reached else None,
-                                 "seconds": reached["elapsed_s"] if reached else None,
-                                 "ratio": reached["elapsed_s"] / result["nanogpt_s"] if reached else None}
+        result["ours"][label] = {"args": " ".join(extra), **time_to_target(evals, target, result["nanogpt_s"])}
     return result
+
+
+def time_to_loss_args(preset: str, data_dir: Path, out_dir: Path, extra: tuple[str, ...]) -> list[str]:
+    """train.py's arguments for a time-to-loss run: nanoGPT's shape and recipe (AdamW, cosine: named, so a preset
+    whose defaults are another recipe does not leak into it), then `extra`, our recipe's changes on top."""
+    args = [f"--{k}={v}" for k, v in {**SHAPES[preset], **TTL_SCHEDULE}.items()]
+    args += [f"--preset={preset}", "--optimizer=adamw", "--lr_schedule=cosine", "--dropout=0.0",
+             f"--max_iters={TTL_STEPS[preset]}", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+             f"--eval_interval={TTL_EVAL_EVERY}", f"--eval_iters={TTL_EVAL_ITERS}", "--log_interval=25",
+             "--device=cpu"]
+    return args + list(extra)
+
+
+def time_to_target(metrics: list[dict], target: float, nanogpt_s: float) -> dict:
+    """From a run's metrics.jsonl records: its last eval, and its first eval at or below `target` with the seconds of
+    training to it (elapsed_s) and their ratio to nanoGPT's; None for those when the run never got there."""
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    reached = next((e for e in evals if e["val_loss"] <= target), None)
+    return {"final_val_loss": evals[-1]["val_loss"], "final_step": evals[-1]["step"],
+            "reached_at_step": reached["step"] if reached else None,
+            "seconds": reached["elapsed_s"] if reached else None,
+            "ratio": reached["elapsed_s"] / nanogpt_s if reached else None}
 
 
 def describe_time_to_loss(result: dict) -> str:
@@ -201,12 +223,12 @@ def describe_time_to_loss(result: dict) -> str:
              f"{result['target_val_loss']:.3f} after {result['nanogpt_s']:.0f} s of training"]
     for label, row in result["ours"].items():
         if row["seconds"] is None:
-            lines.append(f"  ours, {label}: not reached in {result['steps']} steps "
+            lines.append(f"  ours, {label}: not reached in {row['final_step']} steps "
                          f"(val loss {row['final_val_loss']:.3f})")
         else:
             lines.append(f"  ours, {label}: reached it at step {row['reached_at_step']} after {row['seconds']:.0f} s, "
                          f"{row['ratio']:.2f}x nanoGPT's time (val loss {row['final_val_loss']:.3f} at step "
-                         f"{result['steps']})")
+                         f"{row['final_step']})")
     return "\n".join(lines)
 
 
@@ -460,7 +482,7 @@ def time_to_loss(options: dict, nanogpt_dir: Path | None, data_dir: str) -> None
     presets = [p for p in options["ttl_presets"].split(",") if p]
     if not presets or set(presets) - set(TTL_STEPS):
         raise UserError(f"--ttl_presets={options['ttl_presets']} is not a list of {', '.join(TTL_STEPS)}")
-    ours = tuple(options["ttl_ours"].split()) if options["ttl_ours"] else TTL_OURS
+    ours = tuple(options["ttl_ours"].split()) if options["ttl_ours"] else None  # None: TTL_OURS[preset]
     report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "torch": torch.__version__,
               "time_to_loss": []}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:

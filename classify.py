@@ -55,7 +55,8 @@ DEFAULT_EPOCHS = 3
 # Fine-tuning settings where the command line gives none (the book's: AdamW at 5e-5, weight decay 0.1, batch 8);
 # the learning rate is the best of 5e-5, 5e-4 and 2e-3 on the offline task's validation split (README).
 DEFAULTS = {"batch_size": 8, "learning_rate": 5e-4, "min_lr": 5e-5, "weight_decay": 0.1, "warmup_iters": 20,
-            "eval_interval": 100, "log_interval": 20}
+            "eval_interval": 100, "log_interval": 20,
+            "optimizer": "adamw", "lr_schedule": "cosine"}  # the book's AdamW and cosine, whatever the preset says
 PASSAGE_CHARS = 400  # a Shakespeare passage: whole lines up to about this many characters
 SPLITS = ("train", "val", "test")
 

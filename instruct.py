@@ -56,7 +56,8 @@ DEFAULT_EPOCHS = 2  # the book's
 # The book's settings (AdamW at 5e-5, weight decay 0.1, batch 8) where the command line gives none, but with the
 # learning rate measured on the offline default (README): a small model pretrained briefly needs larger steps.
 DEFAULTS = {"batch_size": 8, "learning_rate": 2e-3, "min_lr": 2e-4, "weight_decay": 0.1, "warmup_iters": 20,
-            "eval_interval": 100, "log_interval": 20, "val_fraction": 0.1}
+            "eval_interval": 100, "log_interval": 20, "val_fraction": 0.1,
+            "optimizer": "adamw", "lr_schedule": "cosine"}  # the book's AdamW and cosine, whatever the preset says
 SPLITS = ("train", "val", "test")
 IGNORE = -1  # a target the loss skips (model.py's F.cross_entropy(ignore_index=-1))
 

@@ -118,22 +118,30 @@ def show_model() -> None:
 
 
 def show_schedule(png: str = "schedule.png") -> None:
-    """Appendix D: the tiny preset's learning rate, step by step: linear warmup, then cosine decay to min_lr."""
+    """Appendix D: the tiny preset's learning rate, step by step: linear warmup, then its decay to min_lr (wsd: flat,
+    then a 1 - sqrt cooldown), drawn beside the cosine decay of the same warmup and end."""
     from train import learning_rate_at  # the very function the training loop calls; importing train.py runs nothing
     train = PRESETS["tiny"]().train
     steps = range(train.max_iters)
-    rates = [learning_rate_at(s, train.learning_rate, train.min_lr, train.warmup_iters, train.max_iters) for s in steps]
+    curves = {}
+    for schedule in dict.fromkeys((train.lr_schedule, "cosine")):
+        curves[schedule] = [learning_rate_at(s, train.learning_rate, train.min_lr, train.warmup_iters, train.max_iters,
+                                             schedule, train.cooldown_frac) for s in steps]
+    rates = curves[train.lr_schedule]
+    print(f"tiny preset: {train.lr_schedule} schedule, warmup {train.warmup_iters} steps, {train.max_iters} steps")
     for step in (0, train.warmup_iters // 2, train.warmup_iters, train.max_iters // 2, train.max_iters - 1):
         print(f"step {step:>5}: learning rate {rates[step]:.2e}")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(figsize=(7, 3.5))
-    axes.plot(list(steps), rates)
+    for schedule, values in curves.items():
+        axes.plot(list(steps), values, label=schedule + (" (the preset's)" if schedule == train.lr_schedule else ""),
+                  linestyle="-" if schedule == train.lr_schedule else "--")
     axes.axvline(train.warmup_iters, color="gray", linestyle=":", label=f"end of warmup ({train.warmup_iters})")
     axes.set_xlabel("step")
     axes.set_ylabel("learning rate")
-    axes.set_title("tiny preset: warmup, then cosine decay to min_lr")
+    axes.set_title(f"tiny preset: warmup, then {train.lr_schedule} decay to min_lr")
     axes.legend()
     figure.savefig(png, dpi=100, bbox_inches="tight")
     print(f"saved {png}")

@@ -26,3 +26,31 @@ def test_bad_options_are_one_line_and_exit_2_before_measuring(tmp_path, option, 
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
     assert "matmul peak" not in done.stdout + done.stderr and not (tmp_path / "bench.json").exists()
+
+
+def test_time_to_target_is_the_first_eval_at_or_below_the_target_not_the_best_or_the_last():
+    import bench
+    metrics = [{"kind": "train", "step": 10, "loss": 1.0, "elapsed_s": 5.0},  # a train loss below: not an eval
+               {"kind": "eval", "step": 25, "val_loss": 6.0, "elapsed_s": 10.0},
+               {"kind": "eval", "step": 50, "val_loss": 5.5, "elapsed_s": 20.0},  # exactly the target
+               {"kind": "eval", "step": 75, "val_loss": 5.2, "elapsed_s": 30.0},
+               {"kind": "eval", "step": 100, "val_loss": 5.3, "elapsed_s": 40.0}]
+    row = bench.time_to_target(metrics, target=5.5, nanogpt_s=80.0)
+    assert (row["reached_at_step"], row["seconds"], row["ratio"]) == (50, 20.0, 0.25)
+    assert (row["final_step"], row["final_val_loss"]) == (100, 5.3)
+    never = bench.time_to_target(metrics, target=5.0, nanogpt_s=80.0)
+    assert never["reached_at_step"] is None and never["seconds"] is None and never["ratio"] is None
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_time_to_loss_runs_nanogpts_recipe_whatever_the_presets_defaults_and_ours_on_top(tmp_path, preset):
+    import bench
+    from config import parse_args
+    theirs = parse_args(bench.time_to_loss_args(preset, tmp_path, tmp_path / "out", ())).config
+    assert (theirs.train.optimizer, theirs.train.lr_schedule) == ("adamw", "cosine")
+    assert (theirs.train.learning_rate, theirs.train.warmup_iters, theirs.train.beta2) == (1e-3, 50, 0.99)
+    assert theirs.train.max_iters == bench.TTL_STEPS[preset] and theirs.model.dropout == 0.0
+    assert theirs.model.n_embd == bench.SHAPES[preset]["n_embd"]
+    ours = parse_args(bench.time_to_loss_args(preset, tmp_path, tmp_path / "out", bench.TTL_OURS[preset])).config
+    assert ours.train.optimizer == "muon" and ours.train.lr_schedule == "wsd"
+    assert ours.model.n_embd == theirs.model.n_embd and ours.model.block_size == theirs.model.block_size

@@ -101,3 +101,15 @@ def test_config_round_trips_through_a_dict():
     config = parse_args(["--preset=tiny", "--n_layer=3", "--dataset=x.txt"]).config
     again = Config.from_dict(config.to_dict())
     assert again == config
+
+
+def test_fine_tuning_keeps_the_books_adamw_and_cosine_while_tiny_pretrains_with_muon():
+    import classify
+    import instruct
+    tiny = PRESETS["tiny"]().train
+    assert (tiny.optimizer, tiny.lr_schedule) == ("muon", "wsd")
+    for script in (classify, instruct):
+        config, _, _ = script.resolve_config(["--preset=tiny"])
+        assert (config.train.optimizer, config.train.lr_schedule) == ("adamw", "cosine"), script.__name__
+        config, _, _ = script.resolve_config(["--preset=tiny", "--optimizer=muon"])  # a user's choice still wins
+        assert config.train.optimizer == "muon"

@@ -24,7 +24,8 @@ EXPECTED = {
     "tour.py model": (["parameters; logits (2, 32, 65)", "guessing uniformly gives ln(65)"], []),
     "train.py --preset=tiny": (["done: best val loss"], ["checkpoints/tour/best.pt"]),
     "generate.py": (["ROMEO:"], []),
-    "tour.py schedule": (["step   100: learning rate 2.00e-03", "saved schedule.png"], ["schedule.png"]),
+    "tour.py schedule": (["wsd schedule", "step   100: learning rate 4.00e-03", "saved schedule.png"],
+                         ["schedule.png"]),
     "torchrun": (["done: best val loss"], ["checkpoints/tour-ddp/last.pt"]),
 }
 
