@@ -357,9 +357,12 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
             close = ", ".join("--" + c for c in difflib.get_close_matches(key, known, n=3, cutoff=0.6))
             hint = f"; did you mean {close}?" if close else "; config.py lists the fields"
             raise ConfigError(f"unknown option --{key}{hint}")
+    preset_train = PRESETS[preset_name]().train
+    scale = config.train.learning_rate / preset_train.learning_rate
     if "learning_rate" in overridden and "min_lr" not in overridden:
-        ratio = PRESETS[preset_name]().train
-        config.train.min_lr = config.train.learning_rate * ratio.min_lr / ratio.learning_rate  # keep the preset's decay
+        config.train.min_lr = preset_train.min_lr * scale  # keep the preset's decay
+    if "learning_rate" in overridden and "muon_lr" not in overridden and preset_train.optimizer == "muon":
+        config.train.muon_lr = preset_train.muon_lr * scale  # one rate moves the preset's whole recipe
     config.validate()
     return ParsedArgs(config, options, frozenset(overridden))
 

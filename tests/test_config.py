@@ -31,6 +31,13 @@ def test_learning_rate_override_scales_min_lr_with_it():
     tiny = PRESETS["tiny"]().train
     config = parse_args(["--preset=tiny", "--learning_rate=1e-5"]).config
     assert config.train.min_lr == pytest.approx(1e-5 * tiny.min_lr / tiny.learning_rate)
+    # tiny trains its matrices with Muon: its rate moves with learning_rate unless given apart
+    assert tiny.optimizer == "muon"
+    assert config.train.muon_lr == pytest.approx(1e-5 * tiny.muon_lr / tiny.learning_rate)
+    assert parse_args(["--preset=tiny", "--learning_rate=1e-5", "--muon_lr=0.01"]).config.train.muon_lr == 0.01
+    # a preset that trains with AdamW keeps Muon's own default when a user switches to it
+    small = parse_args(["--preset=small", "--optimizer=muon", "--learning_rate=1e-3"]).config.train
+    assert small.muon_lr == PRESETS["small"]().train.muon_lr
 
 
 def test_unknown_key_suggests_the_closest_names():

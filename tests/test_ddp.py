@@ -29,9 +29,11 @@ from runtime import Runtime, setup_runtime
 from tests.test_train import REPO, TINY_ARGS, make_text, metrics, run_train
 from train import make_optimizer, resolve_global_batch, train_step
 
-# float32 everywhere: on a CPU with AVX512-BF16 `auto` picks bf16 autocast, whose rounding would hide a real mismatch
-DDP_ARGS = [*TINY_ARGS, "--dtype=float32", "--global_batch_size=16", "--lr_decay_iters=12", "--log_interval=1",
-            "--eval_interval=3", "--ddp_timeout_s=20"]
+# float32 everywhere: on a CPU with AVX512-BF16 `auto` picks bf16 autocast, whose rounding would hide a real mismatch.
+# AdamW, not the tiny preset's Muon: Muon orthogonalises in bf16, which turns the all-reduce's 1e-8 differences into
+# bf16 rounding; DDP with Muon has its own test below (test_two_processes_with_batch_b_step_like_one_process...).
+DDP_ARGS = [*TINY_ARGS, "--dtype=float32", "--optimizer=adamw", "--lr_schedule=cosine", "--global_batch_size=16",
+            "--lr_decay_iters=12", "--log_interval=1", "--eval_interval=3", "--ddp_timeout_s=20"]
 
 
 def torchrun(workdir: Path, script: Path, *args: str, timeout: float = 120,
