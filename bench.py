@@ -200,9 +200,14 @@ def time_to_loss_args(preset: str, data_dir: Path, out_dir: Path, extra: tuple[s
     """train.py's arguments for a time-to-loss run: nanoGPT's shape and recipe (AdamW, cosine: named, so a preset
     whose defaults are another recipe does not leak into it), then `extra`, our recipe's changes on top."""
     args = [f"--{k}={v}" for k, v in {**SHAPES[preset], **TTL_SCHEDULE}.items()]
+    # Evaluate on as many windows as nanoGPT's eval (TTL_EVAL_ITERS of its batch), whatever batch our recipe trains
+    # at: train.py evaluates at its batch size, and fewer windows would make an early lucky eval likelier.
+    batch = int(next((a.split("=")[1] for a in reversed(extra) if a.startswith("--batch_size=")),
+                     SHAPES[preset]["batch_size"]))
+    eval_iters = -(-TTL_EVAL_ITERS * SHAPES[preset]["batch_size"] // batch)  # rounded up
     args += [f"--preset={preset}", "--optimizer=adamw", "--lr_schedule=cosine", "--dropout=0.0",
              f"--max_iters={TTL_STEPS[preset]}", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
-             f"--eval_interval={TTL_EVAL_EVERY}", f"--eval_iters={TTL_EVAL_ITERS}", "--log_interval=25",
+             f"--eval_interval={TTL_EVAL_EVERY}", f"--eval_iters={eval_iters}", "--log_interval=25",
              "--device=cpu"]
     return args + list(extra)
 

@@ -437,15 +437,7 @@ def resolve_config(argv: list[str]) -> tuple[Config, dict, frozenset[str]]:
             setattr(config.train, key, value)
     if "dataset" not in overridden:
         config.data.dataset = DEFAULT_DATASET
-    lora_given = any(arg.startswith(("--lora_rank=", "--lora-rank=")) for arg in argv)
-    if options["lora_rank"] < 0 or (lora_given and options["lora_rank"] < 1):
-        raise ConfigError(f"lora_rank={options['lora_rank']} must be 1 or more (16 is the book's), or leave it out "
-                          "to train without adapters")
-    if options["epochs"] < 0:
-        raise ConfigError(f"epochs={options['epochs']} must be 1 or more")
-    if not 0 < options["test_fraction"] < 1 or options["test_fraction"] + config.data.val_fraction >= 1:
-        raise ConfigError(f"test_fraction={options['test_fraction']} must be in (0, 1) and leave room for val_fraction="
-                          f"{config.data.val_fraction} and the train split")
+    finetune.check_shared_options(argv, config, options)
     return config, options, overridden
 
 

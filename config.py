@@ -89,6 +89,7 @@ class TrainConfig:
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum; 0: none
     muon_weight_decay: float = 0.0  # Muon's decoupled weight decay (multiplied by its lr, as AdamW's is)
     muon_adjust_lr: str = "original"  # torch.optim.Muon's adjust_lr_fn: original or match_rms_adamw
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon step: fewer are cheaper and orthogonalise less exactly
     zero_init_proj: bool = False  # a new model starts with every block's output projections (c_proj) at zero
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -147,6 +148,8 @@ class TrainConfig:
             raise ConfigError(f"muon_lr={self.muon_lr} must be positive, e.g. --muon_lr=0.02")
         if not 0 <= self.muon_momentum < 1:
             raise ConfigError(f"muon_momentum={self.muon_momentum} must be in [0, 1), e.g. --muon_momentum=0.95")
+        if self.muon_ns_steps < 1:
+            raise ConfigError(f"muon_ns_steps={self.muon_ns_steps} must be at least 1, e.g. --muon_ns_steps=5")
         if self.muon_momentum_warmup < 0 or self.muon_weight_decay < 0:
             raise ConfigError(f"muon_momentum_warmup={self.muon_momentum_warmup} and muon_weight_decay="
                               f"{self.muon_weight_decay} must be >= 0")

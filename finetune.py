@@ -23,7 +23,7 @@ import torch
 import checkpoint
 import data
 import runinfo
-from config import Config, TrainConfig, UserError
+from config import Config, ConfigError, TrainConfig, UserError
 from model import GPT
 from runtime import StopRequest
 from train import TrainState, learning_rate_at, restore_scaler, train_step
@@ -44,6 +44,19 @@ class Start:
     tokenizer: data.Tokenizer
     run_dir: Path
     saved: dict | None = None
+
+
+def check_shared_options(argv: list[str], config: Config, options: dict) -> None:
+    """The command-line options classify.py and instruct.py both take: --lora_rank, --epochs, --test_fraction."""
+    lora_given = any(arg.startswith(("--lora_rank=", "--lora-rank=")) for arg in argv)
+    if options["lora_rank"] < 0 or (lora_given and options["lora_rank"] < 1):
+        raise ConfigError(f"lora_rank={options['lora_rank']} must be 1 or more (16 is the book's), or leave it out "
+                          "to train every weight")
+    if options["epochs"] < 0:
+        raise ConfigError(f"epochs={options['epochs']} must be 1 or more")
+    if not 0 < options["test_fraction"] < 1 or options["test_fraction"] + config.data.val_fraction >= 1:
+        raise ConfigError(f"test_fraction={options['test_fraction']} must be in (0, 1) and leave room for val_fraction="
+                          f"{config.data.val_fraction} and the train split")
 
 
 def load_base(init_from: str) -> checkpoint.LoadedModel:

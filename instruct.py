@@ -390,17 +390,9 @@ def resolve_config(argv: list[str]) -> tuple[Config, dict, frozenset[str]]:
     if options["prompt_style"] not in PROMPT_STYLES:
         raise ConfigError(f"prompt_style={options['prompt_style']!r} is not one of {', '.join(PROMPT_STYLES)}")
     options["mask_prompt"] = parse_bool("mask_prompt", options["mask_prompt"])
-    lora_given = any(arg.startswith(("--lora_rank=", "--lora-rank=")) for arg in argv)
-    if options["lora_rank"] < 0 or (lora_given and options["lora_rank"] < 1):
-        raise ConfigError(f"lora_rank={options['lora_rank']} must be 1 or more (16 is common), or leave it out to "
-                          "train every weight")
-    if options["epochs"] < 0:
-        raise ConfigError(f"epochs={options['epochs']} must be 1 or more")
+    finetune.check_shared_options(argv, config, options)
     if options["max_new_tokens"] < 1:
         raise ConfigError(f"max_new_tokens={options['max_new_tokens']} must be 1 or more")
-    if not 0 < options["test_fraction"] < 1 or options["test_fraction"] + config.data.val_fraction >= 1:
-        raise ConfigError(f"test_fraction={options['test_fraction']} must be in (0, 1) and leave room for val_fraction="
-                          f"{config.data.val_fraction} and the train split")
     if options["judge_url"] and not options["judge_url"].startswith(("http://", "https://")):
         raise ConfigError(f"judge_url={options['judge_url']!r} is not an http:// or https:// URL; e.g. "
                           "--judge_url=http://localhost:11434 for a local Ollama")

@@ -73,7 +73,8 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig,
     if not muon_params:
         return adamw
     muon = torch.optim.Muon(muon_params, lr=train.muon_lr, weight_decay=train.muon_weight_decay,
-                            momentum=train.muon_momentum, adjust_lr_fn=train.muon_adjust_lr)
+                            momentum=train.muon_momentum, adjust_lr_fn=train.muon_adjust_lr,
+                            ns_steps=train.muon_ns_steps)
     return MuonWithAdamW(muon, adamw)
 
 

@@ -54,3 +54,9 @@ def test_time_to_loss_runs_nanogpts_recipe_whatever_the_presets_defaults_and_our
     ours = parse_args(bench.time_to_loss_args(preset, tmp_path, tmp_path / "out", bench.TTL_OURS[preset])).config
     assert ours.train.optimizer == "muon" and ours.train.lr_schedule == "wsd"
     assert ours.model.n_embd == theirs.model.n_embd and ours.model.block_size == theirs.model.block_size
+    windows = bench.TTL_EVAL_ITERS * bench.SHAPES[preset]["batch_size"]  # what nanoGPT's eval averages over
+    assert theirs.train.eval_iters * theirs.train.batch_size == windows
+    for recipe in (bench.TTL_OURS[preset], ("--batch_size=3",)):  # a batch that divides and one that does not
+        ours = parse_args(bench.time_to_loss_args(preset, tmp_path, tmp_path / "out", recipe)).config
+        batch, iters = ours.train.batch_size, ours.train.eval_iters
+        assert iters * batch >= windows > (iters - 1) * batch  # the fewest of our batches that cover as many

@@ -64,6 +64,7 @@ def test_unknown_key_suggests_the_closest_names():
     (["--cooldown_frac=0"], r"cooldown_frac=0.0 must be in \(0, 1\]"),
     (["--muon_lr=-1"], r"muon_lr=-1.0 must be positive"),
     (["--muon_momentum=1"], r"muon_momentum=1.0 must be in \[0, 1\)"),
+    (["--muon_ns_steps=0"], r"muon_ns_steps=0 must be at least 1"),
 ])
 def test_invalid_values_are_rejected_with_the_value_and_a_fix(args, message):
     with pytest.raises(ConfigError, match=message):
@@ -120,3 +121,18 @@ def test_fine_tuning_keeps_the_books_adamw_and_cosine_while_tiny_pretrains_with_
         assert (config.train.optimizer, config.train.lr_schedule) == ("adamw", "cosine"), script.__name__
         config, _, _ = script.resolve_config(["--preset=tiny", "--optimizer=muon"])  # a user's choice still wins
         assert config.train.optimizer == "muon"
+
+
+@pytest.mark.parametrize("script", ["classify", "instruct"])
+@pytest.mark.parametrize("args, message", [
+    (["--lora_rank=0"], r"lora_rank=0 must be 1 or more \(16 is the book's\), or leave it out to train every weight"),
+    (["--lora_rank=-2"], r"lora_rank=-2 must be 1 or more"),
+    (["--epochs=-1"], r"epochs=-1 must be 1 or more"),
+    (["--test_fraction=0.9"], r"test_fraction=0.9 must be in \(0, 1\) and leave room for val_fraction="),
+    (["--test_fraction=0"], r"test_fraction=0.0 must be in \(0, 1\)"),
+])
+def test_both_fine_tuning_scripts_reject_a_bad_shared_option_with_one_message(script, args, message):
+    module = __import__(script)
+    with pytest.raises(ConfigError, match=message):
+        module.resolve_config(args)
+    module.resolve_config([])  # and their defaults pass

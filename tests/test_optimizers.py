@@ -83,6 +83,22 @@ def test_muon_learns_and_each_optimizer_follows_its_own_scaled_schedule():
     assert [g["lr"] for g in optimizer.muon.param_groups] == [pytest.approx(0.025)]  # ... and half of muon_lr
 
 
+def test_muon_ns_steps_reaches_torchs_muon_and_changes_the_update():
+    def one_step(ns_steps: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = GPT(CONFIG)
+        train = TrainConfig(batch_size=4, optimizer="muon", muon_ns_steps=ns_steps)
+        optimizer = make_optimizer(model, train, "cpu")
+        assert [g["ns_steps"] for g in optimizer.muon.param_groups] == [ns_steps]
+        runtime = cpu_runtime()
+        train_step(model, optimizer, runtime.grad_scaler(), Batches(TOKENS, train, CONFIG.block_size, seed=0),
+                   runtime, train, lr=1e-3)
+        return [p.detach().clone() for p in hidden_matrices(model)]
+
+    five, two = one_step(5), one_step(2)
+    assert all(not torch.equal(a, b) for a, b in zip(five, two))  # every matrix moved differently
+
+
 def test_muon_with_a_grad_scaler_skips_an_overflowing_step_and_otherwise_steps_like_no_scaler():
     """The fp16 path: GradScaler unscales both optimizers' gradients through the wrapper's param_groups."""
     train = TrainConfig(batch_size=4, optimizer="muon")
