@@ -94,32 +94,32 @@ finetune: $(VENV)/.installed ## Fine-tune OpenAI's GPT-2 (INIT=gpt2|PATH) on DAT
 	$(PY) train.py --preset=gpt2-finetune --init_from=$(or $(INIT),gpt2) $(dataset_arg) $(ARGS)
 
 eval: $(VENV)/.installed ## Perplexity over a whole split (CKPT=|RUN=|INIT=gpt2, SPLIT=val|test, STRIDE=N)
-	$(PY) evaluate.py --split=$(or $(SPLIT),val) $(if $(STRIDE),--stride=$(STRIDE)) $(if $(INIT),--init_from=$(INIT)) \
+	$(PY) -m tools.evaluate --split=$(or $(SPLIT),val) $(if $(STRIDE),--stride=$(STRIDE)) $(if $(INIT),--init_from=$(INIT)) \
 	  $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(dataset_arg) $(ARGS)
 
 export: $(VENV)/.installed ## Write a checkpoint as a transformers GPT-2 folder (CKPT=|RUN=, OUT=DIR)
-	$(PY) hf.py $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(if $(OUT),--out=$(OUT))
+	$(PY) -m tools.export $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(if $(OUT),--out=$(OUT))
 
 average: $(VENV)/.installed ## Average a run's last step checkpoints into average.pt, scored beside the last (RUN=NAME|DIR, ARGS="--last=3")
-	$(PY) average.py $(if $(RUN),--run=$(RUN)) $(ARGS)
+	$(PY) -m tools.average $(if $(RUN),--run=$(RUN)) $(ARGS)
 
 sweep: $(VENV)/.installed ## train.py once per setting, a table of val loss vs step and minutes (ARGS="--vary=learning_rate=1e-3,2e-3 -- --max_iters=400")
-	$(PY) sweep.py $(ARGS)
+	$(PY) -m tools.sweep $(ARGS)
 
 plot: $(VENV)/.installed ## Plot the loss curves of the latest run (RUN=NAME for another) to loss.png
-	$(PY) plot.py $(if $(RUN),--run=$(RUN))
+	$(PY) -m tools.plot $(if $(RUN),--run=$(RUN))
 
 bench: $(VENV)/.installed ## Benchmark training, decoding, attention, matmul peak, tokenisation to bench.json (ARGS="--quick")
-	$(PY) bench.py $(ARGS)
+	$(PY) -m tools.bench $(ARGS)
 
 gpu-check: $(VENV)/.installed ## On a CUDA GPU: the cuda tests, gpt2 bf16 training MFU, decode speed (~8 min; gpu_check.txt)
-	$(PY) gpu_check.py
+	$(PY) -m tools.gpu_check
 
 info: $(VENV)/.installed ## Parameters, FLOPs per token and training memory of a config (PRESET=..., ARGS=...)
-	$(PY) info.py $(preset_arg) $(ARGS)
+	$(PY) -m tools.info $(preset_arg) $(ARGS)
 
 check-deps: $(VENV)/.installed ## Versions of the dependencies; is the GPT-2 tokenizer / WikiText-2 available?
-	$(PY) info.py --check_deps
+	$(PY) -m tools.info --check_deps
 
 init: ## Create the data/ and checkpoints/ folders
 	@mkdir -p data checkpoints

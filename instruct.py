@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 
 import data
-import fast
 import finetune
 import generate
 import lora
-import runinfo
-import sources
-from config import Config, ConfigError, UserError, error_summary, parse_args, parse_bool, run_cli
+from config import Config, ConfigError, UserError, error_summary
+from gptkit import fast, runinfo, sources
+from gptkit.cli import parse_args, parse_bool, run_cli
+from gptkit.prompts import PROMPT_STYLES, format_prompt
+from gptkit.runtime import Runtime, StopRequest, setup_runtime
 from model import GPT
-from runtime import Runtime, StopRequest, setup_runtime
 from train import TrainState, make_optimizer, perplexity
 
 OPTIONS = {
@@ -60,30 +60,6 @@ DEFAULTS = {"batch_size": 8, "learning_rate": 2e-3, "min_lr": 2e-4, "weight_deca
             "optimizer": "adamw", "lr_schedule": "cosine"}  # the book's AdamW and cosine, whatever the preset says
 SPLITS = ("train", "val", "test")
 IGNORE = -1  # a target the loss skips (model.py's F.cross_entropy(ignore_index=-1))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Prompt styles: how one entry becomes the text the model reads. The response follows the prompt directly.
-
-PROMPT_STYLES = ("alpaca", "chat")
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                   "the request.")
-
-
-def format_prompt(style: str, instruction: str, input_text: str = "") -> str:
-    """The prompt for one entry, up to where the response begins.
-
-    alpaca: the book's (Stanford Alpaca's) template, with an "### Input:" section only when there is an input.
-    chat: a plain two-speaker transcript, closer to what a model pretrained on dialogue text has seen.
-    """
-    if style == "alpaca":
-        text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
-        if input_text:
-            text += f"\n\n### Input:\n{input_text}"
-        return text + "\n\n### Response:\n"
-    if style == "chat":
-        return f"User: {instruction}" + (f"\n{input_text}" if input_text else "") + "\nAssistant: "
-    raise ConfigError(f"prompt_style={style!r} is not one of {', '.join(PROMPT_STYLES)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -505,8 +481,7 @@ def finish(run: InstructRun, val_before: float | None, val_after: float) -> None
             print(f"judge {run.options['judge_model']}: mean score {results['judge']['mean_score']:.1f} of 100 over "
                   f"{results['judge']['scored']} responses")
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    import plot
-    plot.plot_run(run_dir)
+    runinfo.plot_run(run_dir)
     for example in responses[:3]:
         print(f"\n### Instruction: {example['instruction']}" + (f"\n### Input: {example['input']}"
                                                                if example["input"] else "")

@@ -18,10 +18,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import checkpoint
 import data
-from config import PRESETS, ModelConfig, UserError, run_cli
+from config import PRESETS, ModelConfig, UserError
+from gptkit import loading
+from gptkit.cli import run_cli
 from model import GPT
+from train import learning_rate_at  # the very function the training loop calls
 
 SAMPLE_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
                "First Citizen:\nYou are all resolved rather to die than to famish?\n")
@@ -63,7 +65,7 @@ def show_attention(prompt: str = "To be, or not to be", png: str = "attention.pn
     else a tiny random one, whose weights are nearly uniform over the visible positions.
     """
     try:
-        loaded = checkpoint.load_model()
+        loaded = loading.load_model()
         model, tokenizer, where = loaded.model.eval(), data.get_tokenizer(loaded.tokenizer), loaded.source
         ids = tokenizer.encode(prompt)[-model.config.block_size:]
     except UserError:  # no run yet, or its tokenizer cannot encode the prompt
@@ -120,7 +122,6 @@ def show_model() -> None:
 def show_schedule(png: str = "schedule.png") -> None:
     """Appendix D: the tiny preset's learning rate, step by step: linear warmup, then its decay to min_lr (wsd: flat,
     then a 1 - sqrt cooldown), drawn beside the cosine decay of the same warmup and end."""
-    from train import learning_rate_at  # the very function the training loop calls; importing train.py runs nothing
     train = PRESETS["tiny"]().train
     steps = range(train.max_iters)
     curves = {}

@@ -25,15 +25,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import checkpoint
 import data
-import fast
-import runinfo
-from config import Config, ConfigError, ModelConfig, TrainConfig, UserError, parse_args, run_cli
+from config import Config, ConfigError, ModelConfig, TrainConfig, UserError
 from data import Batches
+from gptkit import checkpoint, fast, loading, runinfo
+from gptkit.cli import parse_args, run_cli
+from gptkit.optimizers import MuonWithAdamW, make_optimizer, set_learning_rate, set_muon_momentum
+from gptkit.runtime import Runtime, StopRequest, explain_lost_ranks, measure_matmul_peak, setup_runtime, stop_agreed
 from model import GPT, count_parameters, flops_per_token
-from optimizers import MuonWithAdamW, make_optimizer, set_learning_rate, set_muon_momentum
-from runtime import Runtime, StopRequest, explain_lost_ranks, measure_matmul_peak, setup_runtime, stop_agreed
 
 
 @dataclass
@@ -206,9 +205,8 @@ def resolve_run(argv: list[str]) -> RunRequest:
             checkpoint.newest_valid_checkpoint(run_dir, say=lambda m: print(m, file=sys.stderr)))
         config = merge_resume_config(Config.from_dict(resume_from["config"]), config, overridden)
     elif config.train.init_from != "scratch":
-        import hf  # only fine-tuning needs safetensors and the Hub client
-        loaded = checkpoint.load_model(config.train.init_from, dropout=config.model.dropout)
-        hf.check_overrides(loaded.model_config, config.model, overridden)
+        loaded = loading.load_model(config.train.init_from, dropout=config.model.dropout)
+        loading.check_overrides(loaded.model_config, config.model, overridden)
         pretrained, config.model = loaded.model, loaded.model_config
         if "tokenizer" not in overridden:
             config.data.tokenizer = loaded.tokenizer["name"]
@@ -570,8 +568,7 @@ def finish(t: Training, stop: StopRequest, stopped_early: bool) -> None:
         t.log(f"done: best val loss {state.best_val_loss:.4f} vs unigram baseline {t.baseline:.4f}; "
               f"checkpoints in {t.run_dir}; sample with `make generate`")
     if t.runtime.is_main:
-        import plot
-        png = plot.plot_run(t.run_dir)
+        png = runinfo.plot_run(t.run_dir)
         if png:
             t.log(f"loss curves: {png}")
 

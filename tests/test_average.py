@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-from average import average_weights
+from gptkit import checkpoint, loading
 from tests.test_train import REPO, TINY_ARGS, make_text, run_train
+from tools.average import average_weights
 
 
 def run_average(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "average.py"), *args], cwd=workdir, env=env,
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "tools.average", *args], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -48,7 +48,7 @@ def test_average_writes_the_mean_of_the_last_n_and_scores_it_beside_the_last(run
         assert torch.allclose(value, torch.stack([s[key] for s in steps]).mean(0), atol=1e-7), key
     weight = "transformer.h.0.mlp.c_fc.weight"
     assert not torch.equal(saved["model"][weight], steps[0][weight])  # not just a copy of the last
-    loaded = checkpoint.load_model(ckpt=str(run_dir / "average.pt"))  # what generate.py and evaluate.py do
+    loaded = loading.load_model(ckpt=str(run_dir / "average.pt"))  # what generate.py and evaluate.py do
     assert torch.equal(loaded.model.transformer.wte.weight, saved["model"]["transformer.wte.weight"])
 
 

@@ -1,4 +1,4 @@
-"""bench.py's own options: bad values are one line and exit 2 before any measuring starts.
+"""tools/bench.py's own options: bad values are one line and exit 2 before any measuring starts.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_bench.py
 """
@@ -20,16 +20,16 @@ REPO = Path(__file__).resolve().parent.parent
     ("--time_to_loss", "--time_to_loss compares with nanoGPT: give --nanogpt_dir=DIR"),
 ])
 def test_bad_options_are_one_line_and_exit_2_before_measuring(tmp_path, option, message):
-    done = subprocess.run([sys.executable, str(REPO / "bench.py"), option, f"--out={tmp_path / 'bench.json'}"],
+    done = subprocess.run([sys.executable, "-m", "tools.bench", option, f"--out={tmp_path / 'bench.json'}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
     assert "matmul peak" not in done.stdout + done.stderr and not (tmp_path / "bench.json").exists()
 
 
 def test_time_to_target_is_the_first_eval_at_or_below_the_target_not_the_best_or_the_last():
-    import bench
+    from tools import bench
     metrics = [{"kind": "train", "step": 10, "loss": 1.0, "elapsed_s": 5.0},  # a train loss below: not an eval
                {"kind": "eval", "step": 25, "val_loss": 6.0, "elapsed_s": 10.0},
                {"kind": "eval", "step": 50, "val_loss": 5.5, "elapsed_s": 20.0},  # exactly the target
@@ -44,8 +44,8 @@ def test_time_to_target_is_the_first_eval_at_or_below_the_target_not_the_best_or
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_time_to_loss_runs_nanogpts_recipe_whatever_the_presets_defaults_and_ours_on_top(tmp_path, preset):
-    import bench
-    from config import parse_args
+    from gptkit.cli import parse_args
+    from tools import bench
     theirs = parse_args(bench.time_to_loss_args(preset, tmp_path, tmp_path / "out", ())).config
     assert (theirs.train.optimizer, theirs.train.lr_schedule) == ("adamw", "cosine")
     assert (theirs.train.learning_rate, theirs.train.warmup_iters, theirs.train.beta2) == (1e-3, 50, 0.99)

@@ -13,12 +13,11 @@ import pytest
 import torch
 from test_data import make_tar
 
-import checkpoint
 import classify
 import lora
-import sources
 from classify import GPTClassifier, Split, confusion_matrix, per_class_scores, set_trainable
 from config import Config, ModelConfig, UserError
+from gptkit import checkpoint, sources
 from model import GPT
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,8 @@
 
 import pytest
 
-from config import PRESETS, Config, ConfigError, parse_args
+from config import PRESETS, Config, ConfigError
+from gptkit.cli import parse_args
 from model import count_parameters
 
 

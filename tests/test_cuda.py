@@ -17,14 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import hf
-from checkpoint import rng_state, set_rng_state
 from config import ModelConfig, TrainConfig
 from data import Batches
 from generate import Sampling, generate
+from gptkit import checkpoint, hf, loading
+from gptkit.checkpoint import rng_state, set_rng_state
+from gptkit.runtime import pick_dtype, setup_runtime
 from model import GPT
-from runtime import pick_dtype, setup_runtime
 from tests.test_train import make_text
 from train import train_step
 
@@ -65,12 +64,14 @@ def parameters(model: GPT) -> dict[str, torch.Tensor]:
 def run(script: str, *args: str, cwd: Path, cpu_only: bool = False, torchrun: int = 0,
         timeout: float = 300) -> subprocess.CompletedProcess:
     """One of the entry points in a child process; cpu_only hides the GPU, as on a machine without one."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     if cpu_only:
         env["CUDA_VISIBLE_DEVICES"] = ""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
         if torchrun else [sys.executable]
-    result = subprocess.run([*launcher, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+    tool = script.startswith("tools/")
+    target = ["-m", script.removesuffix(".py").replace("/", ".")] if tool else [str(REPO / script)]
+    result = subprocess.run([*launcher, *target, *args], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, f"{script} {' '.join(args)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
@@ -275,15 +276,15 @@ def evaluated_loss(result: subprocess.CompletedProcess) -> float:
 
 def test_a_cuda_trained_checkpoint_exports_and_evaluates_on_cuda_as_on_the_cpu(cuda_run, tmp_path):
     ckpt = cuda_run / "run" / "last.pt"
-    run("hf.py", f"--ckpt={ckpt}", f"--out={tmp_path / 'hf'}", cwd=cuda_run)
+    run("tools/export.py", f"--ckpt={ckpt}", f"--out={tmp_path / 'hf'}", cwd=cuda_run)
     exported, _ = hf.load_pretrained(str(tmp_path / "hf"))
-    trained, _ = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(ckpt))
+    trained, _ = loading.model_from_checkpoint(checkpoint.load_checkpoint(ckpt))
     assert all(torch.equal(p, exported.state_dict()[n]) for n, p in trained.state_dict().items())
 
-    on_gpu = evaluated_loss(run("evaluate.py", f"--ckpt={ckpt}", "--device=cuda", cwd=cuda_run))
-    from_export = evaluated_loss(run("evaluate.py", f"--init_from={tmp_path / 'hf'}", "--dataset=corpus.txt",
+    on_gpu = evaluated_loss(run("tools/evaluate.py", f"--ckpt={ckpt}", "--device=cuda", cwd=cuda_run))
+    from_export = evaluated_loss(run("tools/evaluate.py", f"--init_from={tmp_path / 'hf'}", "--dataset=corpus.txt",
                                      "--tokenizer=char", "--device=cuda", cwd=cuda_run))
-    on_cpu = evaluated_loss(run("evaluate.py", f"--ckpt={ckpt}", "--device=cpu", cwd=cuda_run, cpu_only=True))
+    on_cpu = evaluated_loss(run("tools/evaluate.py", f"--ckpt={ckpt}", "--device=cpu", cwd=cuda_run, cpu_only=True))
     manifest = json.loads((cuda_run / "run" / "manifest.json").read_text())
     assert on_gpu < manifest["unigram_val_loss"]
     assert from_export == pytest.approx(on_gpu, abs=2e-4)

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 import data
-import sources
 from config import DataConfig, UserError
+from gptkit import sources
+from tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -342,7 +343,7 @@ def test_epoch_sampler_visits_every_window_once_and_resumes_mid_epoch():
 
 
 def test_bench_reports_all_three_rates(gpt2):
-    result = data.bench_tokenization("To be, or not to be, that is the question.\n" * 5000)
+    result = bench.tokenization_rates("To be, or not to be, that is the question.\n" * 5000)
     assert result["megabytes"] == pytest.approx(0.22, abs=0.01)
     assert all(result[k] > 0 for k in ("single_thread_mb_s", "all_cores_mb_s", "per_line_loop_mb_s"))
 

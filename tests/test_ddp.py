@@ -21,11 +21,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-import checkpoint
 from config import ConfigError, ModelConfig, TrainConfig
 from data import Batches
+from gptkit import checkpoint, loading
+from gptkit.runtime import Runtime, setup_runtime
 from model import GPT
-from runtime import Runtime, setup_runtime
 from tests.test_train import REPO, TINY_ARGS, make_text, metrics, run_train
 from train import make_optimizer, resolve_global_batch, train_step
 
@@ -69,7 +69,7 @@ def test_torchrun_run_reports_once_and_writes_one_set_of_files_from_rank_0(ddp_r
     assert payload["state"]["step"] == 6 and payload["world_size"] == 2
     assert not [k for k in payload["model"] if k.startswith(("module.", "_orig_mod."))]
     assert len(payload["rng_per_rank"]) == 2 and len(payload["batches"]) == 1
-    model, _ = checkpoint.model_from_checkpoint(payload)  # what generate.py does
+    model, _ = loading.model_from_checkpoint(payload)  # what generate.py does
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -205,10 +205,10 @@ def test_global_batch_that_does_not_divide_is_a_config_error_naming_the_fix():
 FAULTY = '''
 import os, sys, time
 sys.path.insert(0, {repo!r})
-import fast
+from gptkit import fast
 import train
-from config import run_cli
-from runtime import explain_lost_ranks
+from gptkit.cli import run_cli
+from gptkit.runtime import explain_lost_ranks
 
 calls = 0
 original = train.train_step
@@ -300,7 +300,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_and_saves(ddp_run
 def test_a_signal_that_lands_after_the_stop_all_reduce_waits_for_the_next_step(monkeypatch):
     """The race CI once hit: rank 0's signal arrived between its all_reduce (which said nobody wants to stop) and the
     return. Stopping on its own flag, rank 0 entered save()'s all_gather while rank 1 entered the next step: a hang."""
-    import runtime as runtime_module
+    from gptkit import runtime as runtime_module
     stop = runtime_module.StopRequest()
     other_rank_wants_to_stop, signal_lands_now = False, True
 
@@ -333,10 +333,10 @@ def test_a_nan_on_one_rank_makes_every_rank_skip_the_step_and_names_that_rank(dd
 RESUME_WITH_MUTATION = '''
 import sys
 sys.path.insert(0, {repo!r})
-import checkpoint
+from gptkit import checkpoint
 import train
-from config import run_cli
-from runtime import explain_lost_ranks
+from gptkit.cli import run_cli
+from gptkit.runtime import explain_lost_ranks
 {mutation}
 run_cli(explain_lost_ranks(train.main))
 '''

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fast
 from config import ModelConfig
-from fast import FastGPT, MatmulCausalSelfAttention, lm_head_cross_entropy, use_fast_kernels
+from gptkit import fast
+from gptkit.fast import FastGPT, MatmulCausalSelfAttention, lm_head_cross_entropy, use_fast_kernels
 from model import GPT
 
 TINY = ModelConfig(vocab_size=100, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)

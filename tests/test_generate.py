@@ -11,11 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
 import data
-from bench import decode_speed
 from config import Config, ModelConfig, UserError
-from fast import lay_out_for_decoding
 from generate import (
     Decoder,
     Sampling,
@@ -29,7 +26,10 @@ from generate import (
     sample_from,
     sample_next_token,
 )
+from gptkit import checkpoint
+from gptkit.fast import lay_out_for_decoding
 from model import GPT
+from tools.bench import decode_speed
 
 ROOT = Path(__file__).resolve().parent.parent
 CHARS = "\n !',.?abcdefghijklmnopqrstuvwxyz"

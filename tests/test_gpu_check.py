@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import datasheet_bf16_peak
-from checkpoint import rng_state, set_rng_state
-from fast import lm_head_cross_entropy
-from runtime import pick_dtype
+from gptkit.checkpoint import rng_state, set_rng_state
+from gptkit.fast import lm_head_cross_entropy
+from gptkit.runtime import pick_dtype
+from tools.bench import datasheet_bf16_peak
 from train import restore_scaler
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without CUDA; with a GPU, run make gpu-check")
 def test_gpu_check_without_cuda_says_what_it_skipped_writes_its_results_and_exits_zero(tmp_path):
     out = tmp_path / "results" / "gpu_check.json"
-    done = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), f"--out={out}"], cwd=REPO, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "tools.gpu_check", f"--out={out}"], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     skipped_lines = [line for line in done.stdout.splitlines() if line.startswith("skipped:")]

@@ -11,11 +11,11 @@ import torch
 import transformers  # test-only dependency (requirements-dev.txt): the reference implementation of GPT-2
 from safetensors.torch import load_file, save_file
 
-import hf
-import sources
-from checkpoint import save_checkpoint
 from config import Config, ModelConfig, UserError
+from gptkit import hf, loading, sources
+from gptkit.checkpoint import save_checkpoint
 from model import GPT
+from tools import export
 
 VOCAB, CONTEXT = 100, 16
 
@@ -109,7 +109,7 @@ def export_tiny(tmp_path, bias: bool = True, tokenizer: dict | None = None):
 @pytest.mark.parametrize("bias", [True, False])
 def test_exported_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, bias):
     ours, ckpt = export_tiny(tmp_path, bias=bias)
-    out = hf.export_checkpoint(ckpt, tmp_path / "export")
+    out = export.export_checkpoint(ckpt, tmp_path / "export")
     theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     x = tokens()
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_exported_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, b
 def test_export_round_trips_through_load_pretrained_with_its_tokenizer(tmp_path):
     char_tokenizer = {"name": "char", "chars": "".join(chr(32 + i) for i in range(VOCAB))}
     ours, ckpt = export_tiny(tmp_path, tokenizer=char_tokenizer)
-    out = hf.export_checkpoint(ckpt, tmp_path / "export")
+    out = export.export_checkpoint(ckpt, tmp_path / "export")
     assert json.loads((out / "config.json").read_text())["eos_token_id"] is None  # no GPT-2 BPE, no <|endoftext|>
     loaded, _ = hf.load_pretrained(str(out))
     assert hf.pretrained_tokenizer(str(out)) == char_tokenizer
@@ -140,12 +140,12 @@ def test_export_round_trips_through_load_pretrained_with_its_tokenizer(tmp_path)
 
 def test_export_cli_writes_next_to_the_checkpoint_and_refuses_model_options(tmp_path, capsys):
     _, ckpt = export_tiny(tmp_path)
-    hf.main([f"--ckpt={ckpt}"])
+    export.main([f"--ckpt={ckpt}"])
     assert sorted(p.name for p in (ckpt.parent / "hf").iterdir()) == ["config.json", "model.safetensors",
                                                                       "tokenizer_spec.json"]
     assert "GPT2LMHeadModel.from_pretrained" in capsys.readouterr().out
     with pytest.raises(UserError, match="--n_layer"):
-        hf.main([f"--ckpt={ckpt}", "--n_layer=4"])
+        export.main([f"--ckpt={ckpt}", "--n_layer=4"])
 
 
 @pytest.mark.parametrize("change_tensors, change_config, message", [
@@ -204,9 +204,9 @@ def test_unreachable_hub_fails_fast_with_one_line_pointing_to_a_local_folder(mon
 def test_model_options_that_contradict_the_weights_are_refused():
     pretrained = ModelConfig(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=CONTEXT)
     requested = ModelConfig(n_layer=4, dropout=0.2)
-    hf.check_overrides(pretrained, requested, frozenset({"dropout"}))  # dropout is free; unset sizes are ignored
+    loading.check_overrides(pretrained, requested, frozenset({"dropout"}))  # dropout is free; unset sizes are ignored
     with pytest.raises(UserError, match="--n_layer=4 contradicts the loaded model's n_layer=2"):
-        hf.check_overrides(pretrained, requested, frozenset({"n_layer", "dropout"}))
+        loading.check_overrides(pretrained, requested, frozenset({"n_layer", "dropout"}))
 
 
 def test_official_name_loads_from_the_local_cache_without_touching_the_network(saved_by_transformers, monkeypatch):

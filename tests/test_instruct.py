@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
 import data
 import instruct
 import lora
 from config import Config, ConfigError, ModelConfig, TrainConfig, UserError
-from instruct import Entry, collate, encode_entries, format_prompt
+from gptkit import checkpoint, loading
+from gptkit.prompts import format_prompt
+from gptkit.runtime import setup_runtime
+from instruct import Entry, collate, encode_entries
 from model import GPT
-from runtime import setup_runtime
 from tests.test_train import REPO
 from train import make_optimizer, train_step
 
@@ -264,7 +265,7 @@ def test_make_instruct_default_runs_offline_and_saves_every_test_response(offlin
 def test_the_prompt_style_survives_the_checkpoint_and_generate_answers_as_instruct_does(offline_default, monkeypatch):
     root, done = offline_default
     assert done.returncode == 0, done.stderr[-3000:]
-    loaded = checkpoint.load_model(ckpt=str(root / "tuned"))
+    loaded = loading.load_model(ckpt=str(root / "tuned"))
     assert loaded.instruct["prompt_style"] == "alpaca" and loaded.instruct["mask_prompt"] is False
     asked = run("--ckpt=tuned", "--instruction=Name a primary color.", "--input=Pick one.", "--temperature=0",
                 "--max_new_tokens=6", cwd=root, script="generate.py")
@@ -287,7 +288,7 @@ def test_lora_adapters_train_and_the_checkpoint_samples_as_a_plain_gpt(offline_d
     base = checkpoint.load_checkpoint(root / "checkpoints" / "tiny-pretrained" / "best.pt")["model"]
     assert torch.equal(saved["model"]["transformer.h.0.attn.c_attn.base.weight"],
                        base["transformer.h.0.attn.c_attn.weight"])  # the base stayed frozen
-    loaded = checkpoint.load_model(ckpt=str(root / "adapted"))
+    loaded = loading.load_model(ckpt=str(root / "adapted"))
     assert loaded.instruct["prompt_style"] == "chat"
     assert not any(isinstance(m, lora.LoRALinear) for m in loaded.model.modules())
     asked = run("--ckpt=adapted", "--instruction=hi", "--max_new_tokens=2", cwd=root, script="generate.py")

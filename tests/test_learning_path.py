@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_data import make_tar, play
 
-import sources
+from gptkit import sources
 
 REPO = Path(__file__).resolve().parents[1]
 

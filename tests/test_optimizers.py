@@ -8,9 +8,9 @@ import torch
 
 from config import ModelConfig, TrainConfig
 from data import Batches
+from gptkit.optimizers import MuonWithAdamW, hidden_matrices, make_optimizer, muon_momentum_at
+from gptkit.runtime import Runtime
 from model import GPT
-from optimizers import MuonWithAdamW, hidden_matrices, make_optimizer, muon_momentum_at
-from runtime import Runtime
 from train import learning_rate_at, train_step
 
 CONFIG = ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, block_size=16)

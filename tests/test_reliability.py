@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
 from config import UserError
+from gptkit import checkpoint
 from tests.test_train import REPO, TINY_ARGS, metrics, run_train
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from config import ConfigError, UserError
-from sweep import parse, table
+from tools.sweep import parse, table
 
 
 def test_vary_and_variant_make_one_run_each_with_the_common_arguments(tmp_path):

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
 from config import ModelConfig, TrainConfig, UserError
 from data import Batches
+from gptkit import checkpoint, loading
+from gptkit.runtime import Runtime
 from model import GPT
-from runtime import Runtime
+from tools import export
 from train import learning_rate_at, make_optimizer, train_step, unigram_loss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,7 +81,7 @@ def test_cli_trains_end_to_end_and_loss_falls(tmp_path, corpus):
     assert payload["state"]["step"] == 60
     assert payload["tokenizer"]["name"] == "char"
     assert payload["config"]["model"]["vocab_size"] == len(payload["tokenizer"]["chars"])
-    model, config = checkpoint.model_from_checkpoint(payload)
+    model, config = loading.model_from_checkpoint(payload)
     assert config.model.n_embd == 32
 
 
@@ -243,7 +244,7 @@ def test_checkpoint_whose_weights_do_not_match_its_config_is_refused():
     payload = {"config": Config(model=config).to_dict(), "model": GPT(config).state_dict()}
     payload["config"]["model"]["n_embd"] = 32
     with pytest.raises(UserError, match="checkpoint weights do not match its config"):
-        checkpoint.model_from_checkpoint(payload)
+        loading.model_from_checkpoint(payload)
 
 
 def test_bf16_autocast_learns_the_same_as_float32_within_tolerance():
@@ -266,9 +267,8 @@ def test_bf16_autocast_learns_the_same_as_float32_within_tolerance():
 
 
 def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path, corpus):
-    import hf
     run_train(tmp_path, *TINY_ARGS, f"--dataset={corpus}", "--max_iters=4", "--eval_interval=4", "--out_dir=base")
-    hf.export_checkpoint(tmp_path / "base" / "last.pt", tmp_path / "exported")
+    export.export_checkpoint(tmp_path / "base" / "last.pt", tmp_path / "exported")
     # one step at a negligible learning rate: the fine-tuned weights must still be the exported ones
     run_train(tmp_path, "--preset=tiny", f"--init_from={tmp_path / 'exported'}", f"--dataset={corpus}",
               "--tokenizer=char", "--device=cpu", "--max_iters=1", "--learning_rate=1e-12", "--warmup_iters=0",
@@ -294,7 +294,7 @@ def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path, corpus):
 
 MALLINFO_PROBE = """
 import ctypes, sys, torch
-import runtime
+from gptkit import runtime
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]

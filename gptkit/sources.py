@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import atomic
 from config import DataConfig, UserError, error_summary
+from gptkit import atomic
 
 DATA_ROOT = Path("data")  # token files go to data/<dataset>/; GPT-2's ranks to data/tiktoken/
 WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1")

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from config import ConfigError, UserError, run_cli
+from config import ConfigError, UserError
+from gptkit.cli import run_cli
 
 ROOT = Path(__file__).resolve().parent
 

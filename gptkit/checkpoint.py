@@ -18,15 +18,13 @@ import random
 import re
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import atomic
-from config import Config, ModelConfig, UserError, error_summary
-from model import GPT
+from config import UserError, error_summary
+from gptkit import atomic
 
 CHECKPOINTS_ROOT = Path("checkpoints")
 FORMAT = "gpt-checkpoint-1"
@@ -262,69 +260,6 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
                 key = key[len(prefix):]
         clean[key] = value
     return clean
-
-
-def model_from_checkpoint(payload: dict) -> tuple[GPT, Config]:
-    """Rebuild the model a checkpoint was trained with and load its weights; a mismatch is a UserError. Weights
-    saved with LoRA adapters (instruct.py --lora_rank) come back merged: a plain GPT."""
-    config = Config.from_dict(payload["config"])
-    model = GPT(config.model)
-    adapters = (payload.get("instruct") or {}).get("lora_rank", 0)
-    if adapters:
-        import lora
-        lora.add_lora(model, adapters, payload["instruct"]["lora_alpha"])
-    state = strip_wrapper_prefixes(payload["model"])
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong_shape:
-        detail = (missing and f"missing {missing[:3]}") or (unexpected and f"unexpected {unexpected[:3]}") or \
-            f"shape of {wrong_shape[0]} is {tuple(state[wrong_shape[0]].shape)}, expected " \
-            f"{tuple(expected[wrong_shape[0]].shape)}"
-        raise UserError(f"checkpoint weights do not match its config ({detail}); the file was written by another "
-                        "architecture or is damaged")
-    model.load_state_dict(state)
-    if adapters:
-        lora.merge_lora(model).requires_grad_(True)
-    return model, config
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to use (on the CPU, float32), where it came from, and what it was trained with."""
-
-    model: GPT
-    tokenizer: dict  # {"name": "gpt2"} or {"name": "char", "chars": ...}, as checkpoints store it
-    source: str  # the checkpoint's path, or the pretrained name or folder
-    saved_config: Config | None = None  # a checkpoint's whole config; None for pretrained weights
-    trained_on: str | None = None  # the data set's name at training time, when the checkpoint recorded it
-    instruct: dict | None = None  # instruct.py's record (its prompt style), for an instruction-tuned model
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.model.config
-
-
-def load_model(init_from: str = "scratch", ckpt: str = "", run: str = "", dropout: float = 0.0) -> LoadedModel:
-    """The one place that decides where a model comes from: OpenAI's GPT-2 or a Hugging Face folder
-    (--init_from=gpt2|PATH), else a checkpoint (--ckpt=PATH, --run=NAME, or the latest run's best)."""
-    if init_from != "scratch":
-        import hf  # safetensors and the Hub client only when asked for
-        model, _ = hf.load_pretrained(init_from, dropout=dropout)
-        return LoadedModel(model, hf.pretrained_tokenizer(init_from), init_from)
-    path = resolve_checkpoint(ckpt=ckpt, run=run)
-    payload = load_checkpoint(path)
-    if payload.get("classifier"):
-        raise UserError(f"{path} is a classifier, not a language model; use it with python classify.py "
-                        f"--ckpt={path} --predict=\"...\"")
-    for key in ("config", "model"):
-        if key not in payload:
-            raise UserError(f"{path} has no '{key}' entry; it was not written by train.py or is damaged")
-    model, config = model_from_checkpoint(payload)
-    tokenizer = payload.get("tokenizer") or {"name": config.data.tokenizer}
-    return LoadedModel(model, tokenizer, str(path), config, (payload.get("dataset") or {}).get("name"),
-                       payload.get("instruct"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import checkpoint
 import data
-from config import ConfigError, UserError, parse_bool, run_cli
-from evaluate import sliding_window_loss
-from runtime import setup_runtime
+from config import ConfigError, UserError
+from gptkit import checkpoint, loading
+from gptkit.cli import parse_bool, run_cli
+from gptkit.perplexity import sliding_window_loss
+from gptkit.runtime import setup_runtime
 
 OPTIONS = {"run": "", "last": 3, "evaluate": True, "max_tokens": 0}
 
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out}: the mean of steps {', '.join(map(str, sorted(step_numbers)))}")
     if not options["evaluate"]:
         return
-    last_model, config = checkpoint.model_from_checkpoint(newest)
-    average_model, _ = checkpoint.model_from_checkpoint(payload)
+    last_model, config = loading.model_from_checkpoint(newest)
+    average_model, _ = loading.model_from_checkpoint(payload)
     data_dir = data.prepare(config.data, config.model.block_size)
     tokens = torch.from_numpy(np.asarray(data.open_split(data_dir, "val")).astype(np.int64))
     if options["max_tokens"]:

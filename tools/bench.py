@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +33,14 @@ import torch
 import torch.nn.functional as F
 
 import data
-from config import PRESETS, ModelConfig, UserError, parse_args, run_cli
-from fast import lay_out_for_decoding, matmul_causal_attention
+from config import PRESETS, ModelConfig, UserError
 from generate import Sampling, generate
+from gptkit.cli import parse_args, run_cli
+from gptkit.fast import lay_out_for_decoding, matmul_causal_attention
+from gptkit.runtime import measure_matmul_peak, setup_runtime
 from model import GPT, count_parameters, flops_per_token
-from runtime import measure_matmul_peak, setup_runtime
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {
     "quick": False,  # eager training only, fewer steps and tokens
     "repeats": 0,  # 0: 3 for the matmul peak and decode, 1 for training (each run's steps are its repeats)
@@ -290,18 +293,39 @@ def bench_decode(repeats: int, new_tokens: int) -> dict:
             "new_tokens": new_tokens, "block_size": PRESETS["small"]().model.block_size}
 
 
-def print_decode_speeds(device: torch.device, dtype: torch.dtype, new_tokens: int = 512, rounds: int = 2) -> None:
-    """`python generate.py --bench`: decode tokens/s with and without the cache (the best round of each)."""
-    model_config = PRESETS["small"]().model
-    print(f"small preset: {model_config.n_layer} layers, {model_config.n_embd} wide, block {model_config.block_size}, "
-          f"vocab {model_config.vocab_size}, random weights; {new_tokens} new tokens after a 16-token prompt, batch 1; "
-          f"{device}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads", file=sys.stderr)
-    speeds = compare_decode_speeds(device, dtype, new_tokens, rounds, say=lambda use_cache, speed: print(
-        f"  {'with' if use_cache else 'without'} cache: {speed:.1f} tokens/s", file=sys.stderr))
+GPU_DECODE_TOKENS, GPU_DECODE_ROUNDS = 512, 2
+
+
+def measure_gpu_decode() -> dict:
+    """Decode tokens/s with and without the KV cache, small preset, bf16, random weights ."""
+    speeds = compare_decode_speeds(torch.device("cuda"), torch.bfloat16, GPU_DECODE_TOKENS, GPU_DECODE_ROUNDS)
     cached, uncached = max(speeds[True]), max(speeds[False])
-    print(f"decode with KV cache: {cached:.1f} tokens/s")
-    print(f"decode without cache: {uncached:.1f} tokens/s")
-    print(f"speed-up: {cached / uncached:.1f}x")
+    return {"model": "small preset (block 512), random weights, bf16, batch 1, 16-token prompt",
+            "new_tokens": GPU_DECODE_TOKENS, "rounds": GPU_DECODE_ROUNDS, "with_cache_tokens_per_s": cached,
+            "without_cache_tokens_per_s": uncached, "speedup": cached / uncached,
+            "all_rounds": {"with_cache": speeds[True], "without_cache": speeds[False]}}
+
+
+def describe_gpu_decode(decode: dict) -> str:
+    return (f"decode: {decode['model']}, {decode['new_tokens']} new tokens, best of {decode['rounds']}: with KV cache "
+            f"{decode['with_cache_tokens_per_s']:.0f} tokens/s, without {decode['without_cache_tokens_per_s']:.0f} "
+            f"tokens/s ({decode['speedup']:.1f}x)")
+
+
+def run_part(name: str, measure: Callable[[], dict], describe: Callable[[dict], str], say: Callable[[str], None]
+             ) -> dict:
+    """One benchmark, timed; an exception (out of memory, a compile error) is recorded and the check goes on."""
+    say(f"{name} ...")
+    started = time.perf_counter()
+    try:
+        result = measure()
+        result["seconds"] = time.perf_counter() - started
+        say(describe(result))
+    except Exception as err:  # record it and go on: a failed benchmark must not hide the others' numbers
+        result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:],
+                  "seconds": time.perf_counter() - started}
+        say(f"{name}: FAILED after {result['seconds']:.0f} s: {result['error'][:500]}")
+    return result
 
 
 # One layer's causal attention (batch, heads, context, head size, dtype), either side of the rule by which
@@ -332,27 +356,47 @@ def bench_attention(repeats: int, calls: int = 5) -> dict:
     return results
 
 
+def tokenization_rates(text: str) -> dict:
+    """GPT-2 tokenisation speed on the same text: one thread, all cores, and a plain per-line encode_ordinary loop."""
+    tokenizer = data.GPT2Tokenizer()
+    megabytes = len(text.encode()) / 1e6
+    cores = os.cpu_count() or 1
+
+    def timed(run: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        run()
+        return megabytes / (time.perf_counter() - start)
+
+    per_line = timed(lambda: [tokenizer.encoding.encode_ordinary(line) for line in text.splitlines(keepends=True)])
+    single = timed(lambda: data.tokenize_documents(tokenizer, [text], workers=1, desc="1 thread"))
+    parallel = timed(lambda: data.tokenize_documents(tokenizer, [text], workers=cores, desc=f"{cores} threads"))
+    return {"megabytes": megabytes, "cores": cores, "per_line_loop_mb_s": per_line, "single_thread_mb_s": single,
+            "all_cores_mb_s": parallel, "speedup_vs_single": parallel / single}
+
+
 def bench_tokenization(data_dir: Path, megabytes: float) -> dict | None:
-    """GPT-2 tokenisation MB/s (data.bench_tokenization) on text decoded back from the training tokens."""
+    """GPT-2 tokenisation MB/s (tokenization_rates) on text decoded back from the training tokens."""
     try:
         tokenizer = data.GPT2Tokenizer()
     except UserError as err:
         print(f"tokenisation: skipped ({err})", file=sys.stderr)
         return None
     tokens = np.fromfile(data_dir / "train.bin", dtype=np.uint16)[:int(megabytes * 250_000)]  # ~4 bytes a token
-    return data.bench_tokenization(tokenizer.decode(tokens.tolist()))
+    return tokenization_rates(tokenizer.decode(tokens.tolist()))
 
 
 def main(argv: list[str] | None = None) -> None:
     parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, preset="tiny")
     options, quick = parsed.options, parsed.options["quick"]
     if options["gpu"]:
-        result = bench_gpu_training()
-        report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "torch": torch.__version__,
-                  "gpu_training": result}
+        report = {"command": " ".join(["python -m tools.bench", *sys.argv[1:]]), "torch": torch.__version__,
+                  "gpu_training": run_part("GPU training benchmark (gpt2, bf16, torch.compile)", bench_gpu_training,
+                                           describe_gpu_training, print),
+                  "decode": run_part("decode speed", measure_gpu_decode, describe_gpu_decode, print)}
         Path(options["out"]).write_text(json.dumps(report, indent=2) + "\n")
-        print(describe_gpu_training(result))
         print(f"wrote {options['out']}")
+        if any("error" in report[part] for part in ("gpu_training", "decode")):
+            sys.exit(1)
         return
     repeats = options["repeats"] or 3
     train_repeats = options["repeats"] or 1

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 
-import runinfo
-from config import Config, parse_args, run_cli
+from config import Config
+from gptkit import runinfo, sources
+from gptkit.cli import parse_args, run_cli
 from model import count_parameters, flops_per_token
 
 PACKAGES = (*runinfo.PACKAGES, "pytest", "ruff")
@@ -64,7 +65,6 @@ def check_deps() -> str:
         lines.append(f"{'cuda':>12}: {gpu}")
     except ImportError:
         pass
-    import sources
     lines.append(f"{'gpt2 BPE':>12}: {sources.gpt2_tokenizer_status()}")
     lines.append(f"{'WikiText-2':>12}: {sources.wikitext2_status()}")
     return "\n".join(lines)

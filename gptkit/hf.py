@@ -1,20 +1,17 @@
-"""GPT-2 weights in and out of Hugging Face's layout: start from OpenAI's GPT-2, or export a trained checkpoint.
-
-    python hf.py --ckpt=checkpoints/RUN/best.pt --out=DIR   # writes config.json + model.safetensors for transformers
-Loading is a library call used by train.py, generate.py and evaluate.py (`--init_from=gpt2|PATH`).
+"""GPT-2 weights in and out of Hugging Face's layout: the name and shape mapping, OpenAI's GPT-2 from the Hub (or a
+local folder), and the config.json transformers reads. gptkit/loading.py loads with it (`--init_from=gpt2|PATH`);
+`python -m tools.export` writes a checkpoint out with it.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-import sources
-from checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from config import ModelConfig, UserError, error_summary, parse_args, run_cli
+from config import ModelConfig, UserError, error_summary
+from gptkit import sources
 from model import GPT
 
 # OpenAI's four sizes, under the organisation that now hosts them on the Hub.
@@ -211,14 +208,6 @@ def pretrained_tokenizer(name_or_path: str) -> dict:
     return dict(GPT2_TOKENIZER)
 
 
-def check_overrides(pretrained: ModelConfig, requested: ModelConfig, overridden: frozenset[str]) -> None:
-    """Refuse command-line model sizes that contradict loaded weights (pretrained or a checkpoint); dropout is free."""
-    for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias"):
-        if name in overridden and getattr(requested, name) != getattr(pretrained, name):
-            raise UserError(f"--{name}={getattr(requested, name)} contradicts the loaded model's "
-                            f"{name}={getattr(pretrained, name)}; drop the option (sizes come from the weights)")
-
-
 def hf_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
     """A config.json that transformers reads as GPT2LMHeadModel with the same sizes and math as ours."""
     is_gpt2_bpe = tokenizer.get("name") == "gpt2" and config.vocab_size > GPT2_EOT  # a GPT-2 BPE vocabulary
@@ -248,38 +237,3 @@ def hf_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
         "torch_dtype": "float32",
         "use_cache": True,
     }
-
-
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a checkpoint as a transformers GPT-2 folder: config.json, model.safetensors, tokenizer_spec.json."""
-    from safetensors.torch import save_file
-    payload = load_checkpoint(Path(ckpt_path))
-    model, config = model_from_checkpoint(payload)
-    tokenizer = payload.get("tokenizer") or dict(GPT2_TOKENIZER)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(hf_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-        (out / CONFIG_FILE).write_text(json.dumps(hf_config_dict(config.model, tokenizer), indent=2) + "\n")
-        (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer) + "\n")
-    except OSError as err:
-        raise UserError(f"could not write the export to {out}: {err.strerror or err}") from None
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv, extra={"ckpt": "", "run": "", "out": ""})
-    if args.overridden:
-        raise UserError(f"export takes --ckpt, --run and --out only, not --{sorted(args.overridden)[0]}")
-    ckpt = resolve_checkpoint(args.options["ckpt"], args.options["run"])
-    out = Path(args.options["out"] or ckpt.parent / "hf")
-    export_checkpoint(ckpt, out)
-    tokenizer = pretrained_tokenizer(str(out))
-    usage = "GPT2LMHeadModel.from_pretrained(folder)"
-    if tokenizer["name"] == "gpt2":
-        usage += ", tokenizer AutoTokenizer.from_pretrained('gpt2')"
-    print(f"exported {ckpt} to {out}/ ({CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}); load with {usage}")
-
-
-if __name__ == "__main__":
-    run_cli(main)

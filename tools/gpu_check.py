@@ -1,13 +1,13 @@
 """Check this project on a CUDA GPU in one command: the cuda tests, a gpt2 training benchmark, the decode speed.
 
-    make gpu-check                       # or: venv/bin/python gpu_check.py [--out=gpu_check.json]
+    make gpu-check                       # or: venv/bin/python -m tools.gpu_check [--out=gpu_check.json]
 
 In order: `pytest -m cuda tests/test_cuda.py` (bf16 against the CPU, fp16, compile, resume across devices, the KV
-cache, torchrun, export, evaluation, pinned memory), then bench.bench_gpu_training (gpt2, 124M, context 1024, bf16,
-torch.compile: tokens/s and MFU against the measured and the datasheet peak, compile time apart), then decode
-tokens/s with and without the KV cache. Results go to gpu_check.json and, readable, gpu_check.txt; about 8 minutes
-on one H100, most of it compilation. Without CUDA it runs what a CPU can (the cuda tests, which skip), says in one
-line what it skipped and why, writes both files and exits 0. Any failure on a GPU makes the exit code 1.
+cache, torchrun, export, evaluation, pinned memory), then `python -m tools.bench --gpu`: gpt2 training (124M, context
+1024, bf16, torch.compile: tokens/s and MFU against the measured and the datasheet peak, compile time apart) and
+decode tokens/s with and without the KV cache. Results go to gpu_check.json and, readable, gpu_check.txt; about 8
+minutes on one H100, most of it compilation. Without CUDA it runs what a CPU can (the cuda tests, which skip), says in
+one line what it skipped and why, writes both files and exits 0. Any failure on a GPU makes the exit code 1.
 """
 
 from __future__ import annotations
@@ -18,18 +18,17 @@ import re
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from config import parse_args, run_cli
+from gptkit.cli import parse_args, run_cli
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {"out": "gpu_check.json"}  # the readable report goes beside it, as .txt
+BENCH_TIMEOUT_S = 900  # compiling gpt2 and timing it takes about 3 minutes on one H100
 TESTS_TIMEOUT_S = 420  # the cuda tests take about 3 minutes on one H100; a hang must not eat the benchmarks' time
-DECODE_TOKENS, DECODE_ROUNDS = 512, 2
 SUMMARY_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 
 
@@ -60,37 +59,23 @@ def describe_tests(tests: dict) -> str:
     return text
 
 
-def measure_decode() -> dict:
-    """Decode tokens/s with and without the KV cache, small preset, bf16, random weights (generate.py's bench)."""
-    from bench import compare_decode_speeds
-    speeds = compare_decode_speeds(torch.device("cuda"), torch.bfloat16, DECODE_TOKENS, DECODE_ROUNDS)
-    cached, uncached = max(speeds[True]), max(speeds[False])
-    return {"model": "small preset (block 512), random weights, bf16, batch 1, 16-token prompt",
-            "new_tokens": DECODE_TOKENS, "rounds": DECODE_ROUNDS, "with_cache_tokens_per_s": cached,
-            "without_cache_tokens_per_s": uncached, "speedup": cached / uncached,
-            "all_rounds": {"with_cache": speeds[True], "without_cache": speeds[False]}}
-
-
-def describe_decode(decode: dict) -> str:
-    return (f"decode: {decode['model']}, {decode['new_tokens']} new tokens, best of {decode['rounds']}: with KV cache "
-            f"{decode['with_cache_tokens_per_s']:.0f} tokens/s, without {decode['without_cache_tokens_per_s']:.0f} "
-            f"tokens/s ({decode['speedup']:.1f}x)")
-
-
-def run_part(name: str, measure: Callable[[], dict], describe: Callable[[dict], str], say: Callable[[str], None]
-             ) -> dict:
-    """One benchmark, timed; an exception (out of memory, a compile error) is recorded and the check goes on."""
-    say(f"{name} ...")
+def run_gpu_benchmarks(out: Path, say: Callable[[str], None]) -> dict:
+    """`python -m tools.bench --gpu` in a child process (a tool runs another tool, never imports it): its JSON, or an
+    error entry for each part when it died before writing one."""
+    command = [sys.executable, "-m", "tools.bench", "--gpu", f"--out={out}"]
     started = time.perf_counter()
     try:
-        result = measure()
-        result["seconds"] = time.perf_counter() - started
-        say(describe(result))
-    except Exception as err:  # record it and go on: a failed benchmark must not hide the others' numbers
-        result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:],
-                  "seconds": time.perf_counter() - started}
-        say(f"{name}: FAILED after {result['seconds']:.0f} s: {result['error'][:500]}")
-    return result
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
+        output, exit_code = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as err:
+        output, exit_code = (err.stdout or b"").decode(errors="replace"), None
+    for line in output.strip().splitlines()[-6:]:
+        say(f"  {line}")
+    if exit_code == 0 and out.is_file():
+        return json.loads(out.read_text())
+    error = {"error": f"{' '.join(command[1:])} exited with {exit_code}", "output_tail": output[-4000:],
+             "seconds": time.perf_counter() - started}
+    return {"gpu_training": error, "decode": error}
 
 
 def why_no_cuda() -> str:
@@ -123,11 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = report["cuda_tests"]["exit_code"] != 0
 
     if has_cuda:
-        import bench
-        report["gpu_training"] = run_part("GPU training benchmark (gpt2, bf16, torch.compile)",
-                                          bench.bench_gpu_training, bench.describe_gpu_training, say)
-        report["decode"] = run_part("decode speed", measure_decode, describe_decode, say)
-        failed |= any("error" in report[part] for part in ("gpu_training", "decode"))
+        say("GPU training benchmark (gpt2, bf16, torch.compile) and decode speed: python -m tools.bench --gpu ...")
+        benchmarks = run_gpu_benchmarks(json_path.with_name(json_path.stem + "_bench.json"), say)
+        report.update(benchmarks)
+        failed |= any("error" in report.get(part, {"error": "missing"}) for part in ("gpu_training", "decode"))
     else:
         reason = why_no_cuda()
         report["skipped"] = {"parts": ["cuda tests (ran, every one skipped)", "GPU training benchmark",
