@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}: {reason}", file=sys.stderr)
     generator = torch.Generator(device).manual_seed(train.seed)
 
-    if prompt_text is not None:  # print the response alone: what follows the prompt's "### Response:"
+    if prompt_text is not None:  # print the response alone: what follows the formatted prompt, whatever its style
         complete(prompt_text, model, tokenizer, sampling, options, generator, stream, echo_prompt=False)
         return
     if not options["interactive"]:

@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_bench.py
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -60,3 +61,16 @@ def test_time_to_loss_runs_nanogpts_recipe_whatever_the_presets_defaults_and_our
         ours = parse_args(bench.time_to_loss_args(preset, tmp_path, tmp_path / "out", recipe)).config
         batch, iters = ours.train.batch_size, ours.train.eval_iters
         assert iters * batch >= windows > (iters - 1) * batch  # the fewest of our batches that cover as many
+
+
+def test_our_training_rows_come_from_the_runs_metrics_not_its_printed_lines(tmp_path):
+    from tests.test_train import TINY_ARGS, make_text, run_train
+    from tools import bench
+    (tmp_path / "corpus.txt").write_text(make_text(3000))
+    run_train(tmp_path, *TINY_ARGS, "--dataset=corpus.txt", "--max_iters=6", "--eval_interval=6", "--log_interval=1",
+              "--out_dir=run")
+    row = bench.read_our_training(tmp_path / "run")
+    assert len(row["steady_ms"]) == 6 - bench.WARMUP_ITERATIONS and all(ms > 0 for ms in row["steady_ms"])
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert row["val_loss"] == evals[-1]["val_loss"]

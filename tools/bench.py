@@ -37,6 +37,7 @@ from config import PRESETS, ModelConfig, UserError
 from generate import Sampling, generate
 from gptkit.cli import parse_args, run_cli
 from gptkit.fast import lay_out_for_decoding, matmul_causal_attention
+from gptkit.runinfo import read_metrics
 from gptkit.runtime import measure_matmul_peak, setup_runtime
 from model import GPT, count_parameters, flops_per_token
 
@@ -81,8 +82,8 @@ TTL_EVAL_EVERY = 25  # our eval interval while timing: the time to loss is read 
 TTL_EVAL_ITERS = 40
 WARMUP_ITERATIONS = 2  # left out of the step time: the first holds compilation, both hold allocator warm-up
 
+# nanoGPT's log lines: its only record of a run. Ours are read from the run's metrics.jsonl (read_our_training).
 ITER_LINE = re.compile(r"^iter (\d+): loss ([\d.naninf]+), time ([\d.]+) ?ms", re.M)
-OUR_VAL_LINE = re.compile(r"^eval step \d+: val loss ([\d.]+)", re.M)
 NANOGPT_VAL_LINE = re.compile(r"^step \d+: train loss [\d.]+, val loss ([\d.]+)", re.M)
 
 
@@ -159,14 +160,24 @@ def nanogpt_command(nanogpt_dir: Path, preset: str, compile_mode: bool, steps: i
     return [sys.executable, str(nanogpt_dir / "train.py"), *[f"--{k}={v}" for k, v in args.items()]]
 
 
-def parse_training(output: str, is_nanogpt: bool, steps: int) -> dict:
-    """Step times (ms) of the steady iterations, and the validation loss after the last step."""
-    times = [float(t) for n, _, t in ITER_LINE.findall(output)]
-    if is_nanogpt:
-        times = times[:steps]  # nanoGPT runs max_iters + 1 iterations; its last one also holds the final eval
-    vals = (NANOGPT_VAL_LINE if is_nanogpt else OUR_VAL_LINE).findall(output)
+def parse_nanogpt_training(output: str, steps: int) -> dict:
+    """Step times (ms) of nanoGPT's steady iterations, and its validation loss after the last step, from its log."""
+    times = [float(t) for n, _, t in ITER_LINE.findall(output)][:steps]  # its last iteration also holds an eval
+    vals = NANOGPT_VAL_LINE.findall(output)
     return {"first_ms": times[0] if times else float("nan"), "steady_ms": times[WARMUP_ITERATIONS:],
             "val_loss": float(vals[-1]) if vals else float("nan")}
+
+
+def read_our_training(out_dir: Path) -> dict:
+    """The same figures for a run of ours (this checkout's or --baseline_dir's), from what the run wrote: every
+    step's time from metrics.jsonl's train records (logged each step: tokens per step / tokens per second, both
+    recorded), the last eval's val loss. No parsing of printed lines, which may be reworded."""
+    tokens_per_step = json.loads((out_dir / "manifest.json").read_text())["tokens_per_step"]
+    records = read_metrics(out_dir)
+    times = [tokens_per_step / r["tokens_per_s"] * 1e3 for r in records if r.get("kind") == "train"]
+    vals = [r["val_loss"] for r in records if r.get("kind") == "eval"]
+    return {"first_ms": times[0] if times else float("nan"), "steady_ms": times[WARMUP_ITERATIONS:],
+            "val_loss": vals[-1] if vals else float("nan")}
 
 
 def bench_time_to_loss(nanogpt_dir: Path, preset: str, data_dir: Path, workdir: Path,
@@ -196,7 +207,7 @@ def bench_time_to_loss(nanogpt_dir: Path, preset: str, data_dir: Path, workdir: 
         code, output, _, _ = run_measured([sys.executable, str(ROOT / "train.py"), *args], ROOT)
         if code != 0:
             raise UserError(f"train.py {' '.join(args)} failed with exit code {code}:\n{output[-2000:]}")
-        evals = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        evals = read_metrics(out_dir)
         result["ours"][label] = {"args": " ".join(extra), **time_to_target(evals, target, result["nanogpt_s"])}
     return result
 
@@ -459,8 +470,8 @@ def main(argv: list[str] | None = None) -> None:
                 if code != 0:
                     print(output[-3000:], file=sys.stderr)
                     raise UserError(f"{' '.join(command)} failed with exit code {code}")
+                parsed_run = parse_nanogpt_training(output, steps) if is_nanogpt else read_our_training(out_dir)
                 shutil.rmtree(out_dir, ignore_errors=True)
-                parsed_run = parse_training(output, is_nanogpt, steps)
                 entry = results.setdefault((who, preset, dtype, str(compile_mode)),
                                            {"steady_ms": [], "first_ms": [], "rss_mb": [], "val_loss": []})
                 entry["steady_ms"] += parsed_run["steady_ms"]
