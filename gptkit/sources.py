@@ -435,7 +435,8 @@ def r50k_file() -> tuple[str, str]:
     finally:
         public.load_tiktoken_bpe = original
     if not found.get("sha256"):
-        raise RuntimeError("tiktoken_ext.openai_public.r50k_base no longer names a URL and hash; update gptkit/sources.py")
+        raise RuntimeError("tiktoken_ext.openai_public.r50k_base no longer names a URL and hash; "
+                           "update gptkit/sources.py")
     return found["url"], found["sha256"]
 
 
