@@ -32,7 +32,7 @@ preset_arg = $(if $(PRESET),--preset=$(PRESET))
 dataset_arg = $(if $(DATASET),--dataset=$(DATASET))
 
 .PHONY: help setup-all setup install install-force test quick-test lint train train-ddp resume data generate info check-deps \
-        init plot bench gpu-check classify instruct finetune eval export average sweep clean clean-checkpoints clean-all
+        init plot bench gpu-check classify instruct finetune-gpt2 eval export average sweep clean clean-checkpoints clean-all
 
 help: ## List the targets (PRESET=tiny|small|gpt2|..., ARGS="--key=value ...")
 	@echo "Targets:"
@@ -90,7 +90,7 @@ classify: $(VENV)/.installed ## Fine-tune the latest run into a classifier (offl
 instruct: $(VENV)/.installed ## Instruction-tune the latest run (offline: chatterbot-corpus dialogues; ARGS="--dataset=F.json ...")
 	$(PY) instruct.py $(if $(INIT),--init_from=$(INIT)) $(dataset_arg) $(ARGS)
 
-finetune: $(VENV)/.installed ## Fine-tune OpenAI's GPT-2 (INIT=gpt2|PATH) on DATASET (WikiText-2 by default)
+finetune-gpt2: $(VENV)/.installed ## Fine-tune OpenAI's GPT-2 (INIT=gpt2|PATH) on DATASET (WikiText-2 by default)
 	$(PY) train.py --preset=gpt2-finetune --init_from=$(or $(INIT),gpt2) $(dataset_arg) $(ARGS)
 
 eval: $(VENV)/.installed ## Perplexity over a whole split (CKPT=|RUN=|INIT=gpt2, SPLIT=val|test, STRIDE=N)

@@ -220,7 +220,7 @@ PRESETS: dict[str, Callable[[], Config]] = {
         dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0),
         dict(batch_size=16, gradient_accumulation_steps=4, max_iters=5000, learning_rate=6e-4, min_lr=6e-5,
              warmup_iters=200, eval_interval=250, eval_iters=50)),
-    # Fine-tuning OpenAI's GPT-2 (`make finetune`, --init_from=gpt2): sizes come from the weights; a learning rate
+    # Fine-tuning OpenAI's GPT-2 (`make finetune-gpt2`, --init_from=gpt2): sizes come from the weights; a learning rate
     # 20x lower than pretraining's so the first steps do not wash out what the model knows.
     "gpt2-finetune": lambda: _preset(
         dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.1),
