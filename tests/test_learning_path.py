@@ -20,12 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "tour.py tokens": (["ids:    [15496, 11, 995, 0]", "decode: 'Hello, world!'"], []),
     "tour.py batch": (["each target is the next character", "the input of the first block"], []),
-    "tour.py attention": (["head 0 of layer 0", "saved attention.png"], ["attention.png"]),
+    "tour.py attention": (["head 0 of layer 0", "saved runs/tour/attention.png"], ["runs/tour/attention.png"]),
     "tour.py model": (["parameters; logits (2, 32, 65)", "guessing uniformly gives ln(65)"], []),
     "train.py --preset=tiny": (["done: best val loss"], ["checkpoints/tour/best.pt"]),
     "generate.py": (["ROMEO:"], []),
-    "tour.py schedule": (["wsd schedule", "step   100: learning rate 4.00e-03", "saved schedule.png"],
-                         ["schedule.png"]),
+    "tour.py schedule": (["wsd schedule", "step   100: learning rate 4.00e-03", "saved runs/tour/schedule.png"],
+                         ["runs/tour/schedule.png"]),
     "torchrun": (["done: best val loss"], ["checkpoints/tour-ddp/last.pt"]),
 }
 
