@@ -137,8 +137,8 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
     """
     extra, defaults = dict(extra or {}), dict(defaults or {})
     if "--help" in argv or "-h" in argv:
-        chosen = next((a.partition("=")[2] for a in argv if a.startswith("--preset=")), preset)
-        print(help_text(sys.modules["__main__"], extra, reads, chosen, usage, defaults))
+        chosen = next((a.partition("=")[2] for a in argv if a.startswith("--preset=") and "preset" in reads), None)
+        print(help_text(sys.modules["__main__"], extra, reads, preset, usage, defaults, chosen))
         sys.exit(0)
     pairs = _split_pairs(argv)
     preset_name = _choose_preset(pairs, preset, reads)
@@ -298,18 +298,22 @@ def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
 
 
 def help_text(module: types.ModuleType, extra: dict[str, object], reads: Collection[str] = READS_ALL,
-              preset: str | None = None, usage: str = "", defaults: dict | None = None) -> str:
+              preset: str | None = None, usage: str = "", defaults: dict | None = None,
+              chosen: str | None = None) -> str:
     """The --help of an entry point: usage, its docstring's head, the presets, then its options and the config
-    fields it reads, section by section, each with type, default and help."""
+    fields it reads, section by section, each with type, default and help. The arguments are parse_args's; `chosen`
+    is a --preset given beside --help, whose values the help then shows."""
     command = command_of(module)
     lines = [f"usage: {usage or command + ' [--key=value ...]'}", "", _doc_head(module.__doc__), ""]
     fields = _fields_read(reads)
     if "preset" in reads:
-        where = "the default here" if preset else "the default on this machine"
+        where = "this command's default" if preset else "the default on this machine"
         preset = preset or default_preset()
         names = ", ".join(f"{name} ({where})" if name == preset else name for name in PRESETS)
-        lines += [f"presets: --preset=NAME sets every model and train field at once; the defaults below are {preset}'s",
-                  f"  {names}", ""]
+        own = f" (this command sets {len(defaults)} of them its own way)" if defaults else ""
+        lines += [f"presets: --preset=NAME sets every model and train field at once; the defaults below are "
+                  f"{chosen or preset}'s{own}", f"  {names}", ""]
+    preset = chosen or preset
     if extra:
         helps = options_help(inspect.getsource(module))
         rows = [(f"--{key}", ("repeatable " if isinstance(default, list) else "") + _option_type(default).__name__,
