@@ -36,18 +36,18 @@ from model import GPT
 from train import TrainState, make_optimizer
 
 OPTIONS = {
-    "label_column": "label",
+    "label_column": "label",  # the column (or JSON field) holding each text's class
     "test_fraction": 0.2,  # with val_fraction: the shares held out when the source has no such splits
     "balance": False,  # undersample every class to the smallest one, as the book does
     "trainable": "all",  # head | last_block | last_N (e.g. last_2) | all; all measured best offline (README)
     "lora_rank": 0,  # > 0: LoRA adapters on attention and MLP; only they and the head train
-    "lora_alpha": 16.0,
+    "lora_alpha": 16.0,  # LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank
     "merge": False,  # with LoRA: also write merged.pt, the adapters folded into the weights
     "epochs": 0,  # 0: --max_iters when given, else DEFAULT_EPOCHS
     "passages_per_play": 40,  # the Shakespeare-genres default: passages taken from each play
     "ckpt": "",  # a classifier checkpoint, for --predict / --predict_file
-    "predict": "",
-    "predict_file": "",
+    "predict": "",  # a text to classify with --ckpt, instead of training
+    "predict_file": "",  # a file to classify line by line with --ckpt, instead of training
 }
 DEFAULT_DATASET = "shakespeare-genres"
 DEFAULT_EPOCHS = 3
@@ -429,13 +429,7 @@ def predict_texts(options: dict, config: Config) -> None:
 
 
 def resolve_config(argv: list[str]) -> tuple[Config, dict, frozenset[str]]:
-    parsed = parse_args(argv, extra=OPTIONS)
-    config, options, overridden = parsed
-    for key, value in DEFAULTS.items():
-        if key not in overridden:
-            setattr(config.train, key, value)
-    if "dataset" not in overridden:
-        config.data.dataset = DEFAULT_DATASET
+    config, options, overridden = parse_args(argv, extra=OPTIONS, defaults={**DEFAULTS, "dataset": DEFAULT_DATASET})
     finetune.check_shared_options(argv, config, options)
     return config, options, overridden
 

@@ -34,11 +34,11 @@ def error_summary(error: BaseException, limit: int = 200) -> str:
 @dataclass
 class ModelConfig:
     vocab_size: int = 50257  # GPT-2's BPE; replaced by the tokenizer's size when the data says otherwise
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
+    n_layer: int = 6  # transformer blocks, each attention then an MLP
+    n_head: int = 6  # attention heads per block; must divide n_embd
+    n_embd: int = 384  # width of every token's vector (the embedding and residual stream)
     block_size: int = 512  # context length in tokens
-    dropout: float = 0.0
+    dropout: float = 0.0  # share of activations zeroed during training; 0 for short runs and big data
     bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
 
     def validate(self) -> None:
@@ -62,29 +62,29 @@ MUON_ADJUST_LR = ("original", "match_rms_adamw")
 @dataclass
 class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch (per process under DDP)
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-batches summed into one optimizer step
     max_iters: int = 10000  # optimizer steps
-    learning_rate: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_iters: int = 200
+    learning_rate: float = 3e-4  # peak rate, reached at the end of warmup
+    min_lr: float = 3e-5  # the rate at the end of the decay
+    warmup_iters: int = 200  # steps of linear warmup from 0 to learning_rate
     lr_decay_iters: int = 0  # 0 means max_iters: cosine decay over the whole run
     lr_schedule: str = "cosine"  # cosine decay after warmup, or wsd: warmup, constant, then a 1-sqrt cooldown
     cooldown_frac: float = 0.2  # wsd: the share of lr_decay_iters spent cooling down to min_lr
     optimizer: str = "adamw"  # adamw for every weight, or muon for the blocks' matrices and AdamW for the rest
     muon_lr: float = 0.02  # Muon's peak rate; the schedule scales it as it scales learning_rate
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum; 0: none
     muon_weight_decay: float = 0.0  # Muon's decoupled weight decay (multiplied by its lr, as AdamW's is)
     muon_adjust_lr: str = "original"  # torch.optim.Muon's adjust_lr_fn: original or match_rms_adamw
     muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon step: fewer are cheaper and orthogonalise less exactly
     zero_init_proj: bool = False  # a new model starts with every block's output projections (c_proj) at zero
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay, on matrices only (not biases or LayerNorm gains)
+    beta1: float = 0.9  # AdamW's decay of the gradient average
+    beta2: float = 0.95  # AdamW's decay of the squared-gradient average
     grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 500
-    eval_iters: int = 100
-    log_interval: int = 10
+    eval_interval: int = 500  # steps between evaluations (and checkpoints)
+    eval_iters: int = 100  # batches averaged for each evaluation's loss
+    log_interval: int = 10  # steps between printed (and logged) training losses
     sampling: str = "random"  # random windows, or "epoch": every window once per epoch, reshuffled
     patience: int = 0  # stop after this many evals without a better val loss; 0 never stops early
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
@@ -92,13 +92,13 @@ class TrainConfig:
     compile: bool | None = None  # None: use torch.compile where it pays off (see train.py)
     fast_kernels: bool = True  # the CPU fast paths of fast.py; False runs model.py's plain path
     device: str = "auto"  # auto: cuda, then mps, then cpu
-    seed: int = 1337
+    seed: int = 1337  # seeds the weights, the batches and dropout
     out_dir: str = ""  # empty: checkpoints/<run_name>
     run_name: str = ""  # empty: <preset>-<dataset>-<timestamp>
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir (default: the latest) from its newest valid checkpoint
     keep_last: int = 2  # step checkpoints kept besides the best one
-    init_from: str = "scratch"
-    tensorboard: bool = False
+    init_from: str = "scratch"  # scratch: random weights; gpt2 (-medium, -large, -xl): OpenAI's; or a HF folder
+    tensorboard: bool = False  # also write TensorBoard logs into the run folder
     global_batch_size: int = 0  # sequences per optimizer step, all processes; 0: batch_size x accumulation x processes
     ddp_timeout_s: float = 300.0  # under torchrun: how long a collective waits for a dead or stuck rank before failing
 
@@ -150,7 +150,7 @@ class DataConfig:
     dataset: str = "wikitext2"  # wikitext2, shakespeare, a .txt/.jsonl/.parquet path or folder, or hf:owner/name:config
     tokenizer: str = "gpt2"  # gpt2 (tiktoken BPE) or char
     data_dir: str = ""  # empty: data/<dataset>; a folder with train.bin/val.bin (nanoGPT layout) is used as is
-    text_column: str = "text"
+    text_column: str = "text"  # the column (or JSON field) holding the text in .jsonl, .parquet and hf: data
     val_fraction: float = 0.1  # share held out for validation when the source has no validation split
     encoding_errors: str = "strict"  # strict: a file that is not UTF-8 is an error; replace: decode with U+FFFD
 
@@ -165,10 +165,10 @@ class DataConfig:
 
 @dataclass
 class Config:
-    preset: str = "small"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    preset: str = "small"  # the PRESETS entry these values started from
+    model: ModelConfig = field(default_factory=ModelConfig)  # the network's shape
+    train: TrainConfig = field(default_factory=TrainConfig)  # the optimisation, its schedule and the run
+    data: DataConfig = field(default_factory=DataConfig)  # the text and its tokenizer
 
     def validate(self) -> Config:
         require_choice("preset", self.preset, tuple(PRESETS))

@@ -439,7 +439,7 @@ def tokenize_documents(tokenizer: Tokenizer, documents: list[str], workers: int 
 
 
 def main() -> None:
-    args = parse_args(sys.argv[1:])
+    args = parse_args(sys.argv[1:], reads=("preset", "block_size", "data"))
     prepare(args.config.data, args.config.model.block_size, explicit_dataset="dataset" in args.overridden)
 
 

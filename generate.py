@@ -21,15 +21,16 @@ from gptkit.cli import parse_args, parse_bool, run_cli
 from gptkit.runtime import pick_device, pick_dtype, synchronize
 from model import GPT, KVCache
 
-# Config fields generate.py reads; the model's own config comes from the checkpoint (or the pretrained weights).
-CONFIG_FIELDS_USED = {"device", "dtype", "seed", "init_from", "fast_kernels"}
+# Config fields generate.py reads; the model's own config comes from the checkpoint (or the pretrained weights), so
+# parse_args refuses the others (--n_layer has no effect here).
+CONFIG_FIELDS_USED = ("device", "dtype", "seed", "init_from", "fast_kernels")
 
 OPTIONS = {
     "prompt": None,  # None: read the prompt from stdin when stdin is not a terminal
     "prompt_file": "",  # a text file holding the prompt; "-" reads stdin
     "instruction": "",  # for an instruction-tuned model (instruct.py): formatted in the model's prompt style
     "input": "",  # the instruction's optional input
-    "max_new_tokens": 200,
+    "max_new_tokens": 200,  # tokens generated after the prompt
     "temperature": 0.8,  # 0 means greedy: always the most likely token
     "top_k": 200,  # keep the k most likely tokens; k >= vocabulary size keeps them all
     "top_p": 1.0,  # nucleus sampling: keep the smallest set of tokens whose probability reaches p
@@ -331,13 +332,8 @@ def complete(prompt_text: str, model: GPT, tokenizer: data.Tokenizer, sampling: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, preset="small")
+    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, reads=CONFIG_FIELDS_USED)
     options, train = parsed.options, parsed.config.train
-    ignored = sorted(parsed.overridden - CONFIG_FIELDS_USED)
-    if ignored:
-        raise UserError(f"--{ignored[0]} has no effect here: generate.py takes the model's config from the "
-                        "checkpoint; it reads only --device, --dtype, --seed, --init_from and --fast_kernels of the "
-                        "config fields")
     sampling = Sampling(options["temperature"], options["top_k"], options["top_p"],
                         options["repetition_penalty"]).validate()
     if options["max_new_tokens"] < 1:

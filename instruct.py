@@ -41,15 +41,15 @@ OPTIONS = {
     "prompt_style": "alpaca",  # alpaca (the book's) or chat
     "mask_prompt": False,  # True: the loss counts only the response's tokens; False measured better offline (README)
     "epochs": 0,  # 0: --max_iters when given, else DEFAULT_EPOCHS
-    "instruction_column": "instruction",
-    "input_column": "input",
-    "output_column": "output",
+    "instruction_column": "instruction",  # the field holding each entry's task
+    "input_column": "input",  # the field holding its optional input
+    "output_column": "output",  # the field holding the answer the model learns
     "test_fraction": 0.05,  # with val_fraction: the shares held out when the source has no such splits
     "lora_rank": 0,  # > 0: LoRA adapters on attention and MLP; only they train
-    "lora_alpha": 16.0,
+    "lora_alpha": 16.0,  # LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank
     "max_new_tokens": 100,  # the longest response generated for responses.json
     "judge_url": "",  # an Ollama-compatible server, e.g. http://localhost:11434: scores each response 0-100
-    "judge_model": "llama3",
+    "judge_model": "llama3",  # the judge server's model that scores the responses
 }
 DEFAULT_DATASET = "chatterbot"
 DEFAULT_EPOCHS = 2  # the book's
@@ -357,12 +357,7 @@ class InstructRun:
 
 
 def resolve_config(argv: list[str]) -> tuple[Config, dict, frozenset[str]]:
-    config, options, overridden = parse_args(argv, extra=OPTIONS)
-    for key, value in DEFAULTS.items():
-        if key not in overridden:
-            setattr(getattr(config, "data" if key == "val_fraction" else "train"), key, value)
-    if "dataset" not in overridden:
-        config.data.dataset = DEFAULT_DATASET
+    config, options, overridden = parse_args(argv, extra=OPTIONS, defaults={**DEFAULTS, "dataset": DEFAULT_DATASET})
     if options["prompt_style"] not in PROMPT_STYLES:
         raise ConfigError(f"prompt_style={options['prompt_style']!r} is not one of {', '.join(PROMPT_STYLES)}")
     options["mask_prompt"] = parse_bool("mask_prompt", options["mask_prompt"])

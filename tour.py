@@ -2,32 +2,45 @@
 
     python tour.py tokens "Hello, world!"     # chapter 2: text -> GPT-2 BPE ids -> text
     python tour.py batch                      # chapter 2: one batch's inputs x and targets y, side by side
-    python tour.py attention                  # chapter 3: one head's causal attention weights (attention.png)
+    python tour.py attention                  # chapter 3: one head's causal attention weights (runs/tour/attention.png)
     python tour.py model                      # chapter 4: the GPT's layers, parameters, and its first loss
-    python tour.py schedule                   # appendix D: warmup + cosine decay of the learning rate (schedule.png)
+    python tour.py schedule                   # appendix D: the learning rate's warmup, decay (runs/tour/schedule.png)
 
-Each one uses the project's own code (data.py, model.py, train.py) on a tiny model, so what it prints is what
-training does. The README's "Learning path" lists them beside the files and functions to read.
+The first word names the demonstration; the words after it are its text (--text="..." says the same), and
+`tour.py attention --ckpt=checkpoints/<run>` picks the model. Each one uses the project's own code (data.py, model.py,
+train.py) on a tiny model, so what it prints is what training does. The README's "Learning path" lists them beside
+the files and functions to read. Pictures go to runs/tour/, which git ignores.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import data
-from config import PRESETS, ModelConfig, UserError
-from gptkit import loading
-from gptkit.cli import run_cli
+from config import PRESETS, ModelConfig, UserError, error_summary
+from gptkit import checkpoint, loading
+from gptkit.cli import parse_args, run_cli
 from model import GPT
 from train import learning_rate_at  # the very function the training loop calls
 
 SAMPLE_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
                "First Citizen:\nYou are all resolved rather to die than to famish?\n")
 DEMOS = ("tokens", "batch", "attention", "model", "schedule")
+OPTIONS = {
+    "text": "",  # tokens: the text to split ("Hello, world!"); attention: the prompt ("To be, or not to be")
+    "ckpt": "",  # attention: a checkpoint file or run folder; default: the latest language-model run's best
+    "run": "",  # attention: a run name under checkpoints/
+}
+USAGE = f"python tour.py {'|'.join(DEMOS)} [TEXT] [--key=value ...]"
+PICTURES = Path("runs/tour")  # under runs/, which git ignores, so a demonstration leaves the checkout clean
+# manifest.json "kind" of classify.py's runs: a class head instead of next-token logits, no language model to show
+NOT_LANGUAGE_MODELS = ("classifier",)
 
 
 def show_tokens(text: str) -> None:
@@ -58,21 +71,41 @@ def show_batch(batch_size: int = 2, block_size: int = 12) -> None:
           f"{tuple((tokens_in + positions_in).shape)}, the input of the first block")
 
 
-def show_attention(prompt: str = "To be, or not to be", png: str = "attention.png") -> None:
-    """Chapter 3: softmax(q k^T / sqrt(hs) + causal mask) for head 0 of the first layer, for each prompt position.
+def attention_model(prompt: str, ckpt: str = "", run: str = "") -> tuple[GPT, data.Tokenizer, list[int], str]:
+    """The model whose attention to show, its tokenizer, the prompt's ids and where the model came from.
 
-    The model is the latest run's best checkpoint when there is one (`make train` first shows learned patterns),
-    else a tiny random one, whose weights are nearly uniform over the visible positions.
+    --ckpt or --run when given; else the latest language-model run's best checkpoint (a classifier's run is passed
+    over: it has no next-token head), as `make train` leaves one. Failing that, a tiny random model, whose weights
+    are nearly uniform over the visible positions, and a line saying why.
     """
+    if ckpt or run:
+        loaded = loading.load_model(ckpt=ckpt, run=run)  # the user's choice: a problem with it is an error
+    else:
+        try:
+            loaded = loading.load_model(ckpt=str(checkpoint.latest_run(exclude_kinds=NOT_LANGUAGE_MODELS)))
+        except UserError as err:
+            return random_attention_model(prompt, f"no language-model run to load ({error_summary(err)})")
+    model, tokenizer = loaded.model.eval(), data.get_tokenizer(loaded.tokenizer)
     try:
-        loaded = loading.load_model()
-        model, tokenizer, where = loaded.model.eval(), data.get_tokenizer(loaded.tokenizer), loaded.source
         ids = tokenizer.encode(prompt)[-model.config.block_size:]
-    except UserError:  # no run yet, or its tokenizer cannot encode the prompt
-        torch.manual_seed(0)
-        tokenizer = data.CharTokenizer("".join(sorted(set(prompt))))
-        config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=len(prompt))
-        model, where, ids = GPT(config).eval(), "a tiny model with random weights", tokenizer.encode(prompt)
+    except UserError as err:
+        if ckpt or run:
+            raise
+        return random_attention_model(prompt, f"{loaded.source} cannot encode the prompt ({error_summary(err)})")
+    return model, tokenizer, ids, loaded.source
+
+
+def random_attention_model(prompt: str, why: str) -> tuple[GPT, data.Tokenizer, list[int], str]:
+    print(f"using a tiny model with random weights: {why}")
+    torch.manual_seed(0)
+    tokenizer = data.CharTokenizer("".join(sorted(set(prompt))))
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=len(prompt))
+    return GPT(config).eval(), tokenizer, tokenizer.encode(prompt), "a tiny model with random weights"
+
+
+def show_attention(prompt: str = "To be, or not to be", ckpt: str = "", run: str = "") -> None:
+    """Chapter 3: softmax(q k^T / sqrt(hs) + causal mask) for head 0 of the first layer, for each prompt position."""
+    model, tokenizer, ids, where = attention_model(prompt, ckpt, run)
     labels = [tokenizer.decode([i]) for i in ids]
     idx = torch.tensor([ids])  # (1, T)
     block, n_embd = model.transformer.h[0], model.config.n_embd
@@ -99,8 +132,7 @@ def show_attention(prompt: str = "To be, or not to be", png: str = "attention.pn
     axes.set_ylabel("position (query)")
     axes.set_title(f"causal attention, head 0 of layer 0\n{where}")
     figure.colorbar(image)
-    figure.savefig(png, dpi=100, bbox_inches="tight")
-    print(f"saved {png}")
+    save_picture(figure, "attention.png")
 
 
 def show_model() -> None:
@@ -119,7 +151,7 @@ def show_model() -> None:
           f"{math.log(config.vocab_size):.3f}")
 
 
-def show_schedule(png: str = "schedule.png") -> None:
+def show_schedule() -> None:
     """Appendix D: the tiny preset's learning rate, step by step: linear warmup, then its decay to min_lr (wsd: flat,
     then a 1 - sqrt cooldown), drawn beside the cosine decay of the same warmup and end."""
     train = PRESETS["tiny"]().train
@@ -144,21 +176,34 @@ def show_schedule(png: str = "schedule.png") -> None:
     axes.set_ylabel("learning rate")
     axes.set_title(f"tiny preset: warmup, then {train.lr_schedule} decay to min_lr")
     axes.legend()
-    figure.savefig(png, dpi=100, bbox_inches="tight")
-    print(f"saved {png}")
+    save_picture(figure, "schedule.png")
 
 
-def main() -> None:
-    args = sys.argv[1:]
-    if not args or args[0] not in DEMOS:
-        raise UserError(f"say which demonstration: python tour.py {'|'.join(DEMOS)} (see the README's Learning path)")
-    demo, rest = args[0], args[1:]
+def save_picture(figure, name: str) -> None:
+    PICTURES.mkdir(parents=True, exist_ok=True)
+    figure.savefig(PICTURES / name, dpi=100, bbox_inches="tight")
+    print(f"saved {PICTURES / name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    demo = argv[0] if argv and not argv[0].startswith("-") else ""
+    rest = argv[1:] if demo else argv
+    words = list(itertools.takewhile(lambda arg: not arg.startswith("-"), rest))  # tour.py tokens Hello, world!
+    options = parse_args(rest[len(words):], extra=OPTIONS, reads=(), usage=USAGE).options
+    if demo not in DEMOS:
+        raise UserError(f"say which demonstration: {USAGE} (see the README's Learning path)")
+    text = " ".join(words) or options["text"]
+    if text and demo not in ("tokens", "attention"):
+        raise UserError(f"tour.py {demo} takes no text; only tokens and attention do")
+    if (options["ckpt"] or options["run"]) and demo != "attention":
+        raise UserError(f"tour.py {demo} loads no model; --ckpt and --run go with tour.py attention")
     if demo == "tokens":
-        show_tokens(" ".join(rest) or "Hello, world!")
+        show_tokens(text or "Hello, world!")
     elif demo == "batch":
         show_batch()
     elif demo == "attention":
-        show_attention(" ".join(rest) or "To be, or not to be")
+        show_attention(text or "To be, or not to be", options["ckpt"], options["run"])
     elif demo == "model":
         show_model()
     else:

@@ -2,18 +2,32 @@
 the dataclasses' own field documentation, and one-line errors with exit code 2.
 
     python train.py --preset=tiny --n_layer=8 --learning_rate=1e-3
+    python train.py --help
+
+The help text of an option is the trailing `# comment` on its line: on a field of a config.py dataclass, or on an
+entry of an entry point's OPTIONS dict. It is read from the source, so the help cannot drift from the code.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
+import json
 import sys
+import tokenize
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from pathlib import Path
 
-from config import PRESETS, Config, ConfigError, UserError, require_choice
+from config import PRESETS, Config, ConfigError, DataConfig, ModelConfig, TrainConfig, UserError, require_choice
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+READS_ALL = ("preset", *SECTIONS)  # what most entry points read: a preset and every config field
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -32,13 +46,20 @@ def default_preset() -> str:
     return "small" if torch.cuda.is_available() or torch.backends.mps.is_available() else "tiny"
 
 
-def _sections(config: Config) -> dict[str, object]:
-    """Map each field name to the dataclass that holds it; names are unique across sections."""
-    owners = {}
-    for section in (config.model, config.train, config.data):
-        for f in dataclasses.fields(section):
-            owners[f.name] = section
-    return owners
+def _fields_read(reads: Collection[str]) -> dict[str, str]:
+    """Each config field an entry point reads -> its section; `reads` names sections ("train") or fields ("seed")."""
+    fields = {}
+    for section, kind in SECTIONS.items():
+        for f in dataclasses.fields(kind):
+            if section in reads or f.name in reads:
+                fields[f.name] = section
+    unknown = set(reads) - set(fields) - set(READS_ALL)
+    if unknown:
+        raise ValueError(f"reads names no config section or field: {sorted(unknown)}")  # a bug in the entry point
+    return fields
+
+
+FIELD_SECTIONS = _fields_read(SECTIONS)  # every config field -> "model", "train" or "data"
 
 
 def _parse_value(key: str, raw: str, annotation):
@@ -68,70 +89,113 @@ def _parse_value(key: str, raw: str, annotation):
     return raw
 
 
+def _option_type(default) -> type:
+    """An entry point's option takes the type of its default; None and a list (a repeatable option) take text."""
+    if default is None or isinstance(default, list):
+        return str
+    return type(default)
+
+
+def _split_pairs(argv: list[str]) -> list[tuple[str, str]]:
+    """`--key=value` arguments as (key, value); a bare `--flag` is True; anything else is refused with its fix."""
+    pairs = []
+    for index, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            raise ConfigError(_not_an_option(arg, argv[index - 1] if index else ""))
+        key, eq, value = arg[2:].partition("=")
+        pairs.append((key.replace("-", "_"), value if eq else "True"))  # a bare flag, e.g. --resume
+    return pairs
+
+
+def _not_an_option(arg: str, previous: str) -> str:
+    """The one-line error for a word that is not --key=value, showing the fix by example."""
+    message = f"argument {arg!r} is not of the form --key=value"
+    quote = "'" if '"' in arg else '"'
+    if previous.startswith("--") and "=" not in previous:  # `--prompt ROMEO:`: the shell split an option from its value
+        return f"{message}; join it to its option with =: {previous}={quote}{arg}{quote}"
+    if "=" in arg:  # `n_layer=3`
+        return f"{message}; write --{arg}"
+    return f"{message}; write options as --key=value, quoting a value with spaces: --key={quote}{arg}{quote}"
+
+
 class ParsedArgs(typing.NamedTuple):
     config: Config
     options: dict[str, object]  # the entry point's own options (not config fields), defaults filled in
     overridden: frozenset[str]  # config fields the user set explicitly, as opposed to the preset's values
 
 
-def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: str | None = None) -> ParsedArgs:
-    """Build a validated Config from `--preset=NAME --key=value ...`.
+def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: str | None = None,
+               reads: Collection[str] = READS_ALL, usage: str = "", defaults: dict | None = None) -> ParsedArgs:
+    """Build a validated Config from `--preset=NAME --key=value ...`, or print the help and exit 0 on --help / -h.
 
-    `extra` declares entry-point options that are not config fields (e.g. generate.py's --prompt), with their
-    defaults. `preset` replaces the device-dependent default preset (e.g. a test pinning `tiny`).
+    `extra` declares entry-point options that are not config fields (an OPTIONS dict, e.g. generate.py's --prompt),
+    with their defaults; a list default makes an option that may be given several times. `preset` replaces the
+    device-dependent default preset (e.g. a test pinning `tiny`). `reads` says which config sections ("train") or
+    fields ("seed") the entry point uses, and "preset" when it takes one: the others are refused, not ignored, and
+    --help lists only these. `usage` replaces the help's first line, `python X.py [--key=value ...]`. `defaults`
+    are config values the entry point uses instead of the preset's where the command line gives none.
     """
-    extra = dict(extra or {})
-    pairs: list[tuple[str, str]] = []
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ConfigError(f"argument {arg!r} is not of the form --key=value")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            value = "True"  # a bare flag, e.g. --resume
-        pairs.append((key, value))
-
-    preset_name = preset
-    for key, value in pairs:
-        if key == "preset":
-            preset_name = value
-    if preset_name is None:
-        preset_name = default_preset()
-    if preset_name not in PRESETS:
-        require_choice("preset", preset_name, tuple(PRESETS))
+    extra, defaults = dict(extra or {}), dict(defaults or {})
+    if "--help" in argv or "-h" in argv:
+        chosen = next((a.partition("=")[2] for a in argv if a.startswith("--preset=") and "preset" in reads), None)
+        print(help_text(sys.modules["__main__"], extra, reads, preset, usage, defaults, chosen))
+        sys.exit(0)
+    pairs = _split_pairs(argv)
+    preset_name = _choose_preset(pairs, preset, reads)
     config = PRESETS[preset_name]()
     config.preset = preset_name
-
-    owners = _sections(config)
-    options = dict(extra)
+    fields = _fields_read(reads)
+    options = {key: list(value) if isinstance(value, list) else value for key, value in extra.items()}
     overridden = set()
     for key, value in pairs:
-        if key == "preset":
+        if key == "preset" and "preset" in reads:
             continue
-        if key in owners:
-            section = owners[key]
-            annotation = typing.get_type_hints(type(section))[key]
-            setattr(section, key, _parse_value(key, value, annotation))
+        if key in extra:  # the entry point's own options come first: sweep.py's --out_dir is not train.py's
+            parsed = _parse_value(key, value, _option_type(extra[key]))
+            if isinstance(extra[key], list):
+                options[key].append(parsed)
+            else:
+                options[key] = parsed
+        elif key in fields:
+            section = getattr(config, fields[key])
+            setattr(section, key, _parse_value(key, value, typing.get_type_hints(type(section))[key]))
             overridden.add(key)
-        elif key in extra:
-            default = extra[key]
-            annotation = type(default) if default is not None else str
-            if isinstance(default, bool):
-                annotation = bool
-            options[key] = _parse_value(key, value, annotation)
         else:
-            known = list(owners) + list(extra) + ["preset"]
-            close = ", ".join("--" + c for c in difflib.get_close_matches(key, known, n=3, cutoff=0.6))
-            hint = f"; did you mean {close}?" if close else "; config.py lists the fields"
-            raise ConfigError(f"unknown option --{key}{hint}")
+            raise ConfigError(_not_read(key, fields, extra, reads))
     preset_train = PRESETS[preset_name]().train
     scale = config.train.learning_rate / preset_train.learning_rate
     if "learning_rate" in overridden and "min_lr" not in overridden:
         config.train.min_lr = preset_train.min_lr * scale  # keep the preset's decay
     if "learning_rate" in overridden and "muon_lr" not in overridden and preset_train.optimizer == "muon":
         config.train.muon_lr = preset_train.muon_lr * scale  # one rate moves the preset's whole recipe
+    for key, value in defaults.items():
+        if key not in overridden:
+            setattr(getattr(config, FIELD_SECTIONS[key]), key, value)
     config.validate()
     return ParsedArgs(config, options, frozenset(overridden))
+
+
+def _choose_preset(pairs: list[tuple[str, str]], preset: str | None, reads: Collection[str]) -> str:
+    """--preset=NAME, else the entry point's own choice, else the default for this machine."""
+    for key, value in pairs:
+        if key == "preset" and "preset" in reads:
+            preset = value
+    if preset is None:  # an entry point that takes no preset need not import torch to choose one
+        preset = default_preset() if "preset" in reads else "small"
+    require_choice("preset", preset, tuple(PRESETS))
+    return preset
+
+
+def _not_read(key: str, fields: dict[str, str], extra: dict, reads: Collection[str]) -> str:
+    """The error for an option this entry point does not take: a config field it does not read, or a typo."""
+    if key in FIELD_SECTIONS or key == "preset":
+        if not fields:
+            return f"unknown option --{key}: this command sets no config field (--help lists its options)"
+        names = ", ".join("--" + name for name in fields)
+        return f"--{key} has no effect here: of the config fields this command reads only {names} (--help lists them)"
+    known = list(fields) + list(extra) + (["preset"] if "preset" in reads else [])
+    close = ", ".join("--" + c for c in difflib.get_close_matches(key, known, n=3, cutoff=0.6))
+    return f"unknown option --{key}" + (f"; did you mean {close}?" if close else "; --help lists the options")
 
 
 def run_cli(main: Callable[[], object]) -> None:
@@ -144,3 +208,127 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --help: each option's text is the trailing comment on its line in the source
+
+
+def trailing_comments(source: str) -> dict[int, str]:
+    """Line number -> the text of the comment that ends that line after code; a comment alone on a line is a note
+    for the reader, not help."""
+    comments, code_lines = {}, set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            if token.start[0] in code_lines:
+                comments[token.start[0]] = token.string.lstrip("#").strip()
+        elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            code_lines.update(range(token.start[0], token.end[0] + 1))  # a multi-line string covers all its lines
+    return comments
+
+
+def _comment_over(first: ast.AST, last: ast.AST, comments: dict[int, str]) -> str:
+    """The trailing comments on the lines from `first` to `last`, so a default that spans lines keeps its help."""
+    return " ".join(comments[line] for line in range(first.lineno, last.end_lineno + 1) if line in comments)
+
+
+@functools.cache
+def field_help(kind: type) -> dict[str, str]:
+    """Each field of a dataclass -> its help: the trailing comment of its line(s) in the class's source."""
+    source = inspect.getsource(kind)
+    comments = trailing_comments(source)
+    names = {f.name for f in dataclasses.fields(kind)}
+    body = ast.parse(source).body[0].body
+    return {node.target.id: _comment_over(node, node, comments) for node in body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in names}
+
+
+def options_help(source: str) -> dict[str, str]:
+    """Each entry of a module's top-level OPTIONS dict -> its help: the trailing comment of the entry's line(s)."""
+    comments = trailing_comments(source)
+    for node in ast.parse(source).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == "OPTIONS" and isinstance(node.value, ast.Dict):
+            return {key.value: _comment_over(key, value, comments) for key, value in zip(node.value.keys,
+                                                                                     node.value.values)
+                    if isinstance(key, ast.Constant)}
+    return {}
+
+
+def command_of(module: types.ModuleType) -> str:
+    """How the entry point is run: `python train.py`, or `python -m tools.bench` for a module in a package."""
+    spec = getattr(module, "__spec__", None)
+    name = spec.name if spec is not None else module.__name__
+    if name == "__main__":  # `python train.py`: no spec, the file says which script it is
+        return f"python {Path(module.__file__).name}"
+    return f"python -m {name}" if "." in name else f"python {name}.py"
+
+
+def _doc_head(doc: str | None) -> str:
+    """A docstring's first paragraph and the indented example commands right after it."""
+    paragraphs = (doc or "").strip().split("\n\n")
+    head = [paragraphs[0]]
+    for paragraph in paragraphs[1:]:
+        if not all(line.startswith(" ") for line in paragraph.splitlines()):
+            break
+        head.append(paragraph)
+    return "\n\n".join(head)
+
+
+def _describe_default(value, none: str = "None") -> str:
+    if isinstance(value, str):
+        return json.dumps(value)  # "" shows that the default is empty
+    if isinstance(value, list):
+        return "none"
+    return none if value is None else str(value)
+
+
+def _type_name(annotation) -> str:
+    hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    name = " or ".join(h.__name__ for h in hints if h is not type(None))
+    return name + " or auto" if type(None) in hints else name
+
+
+def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
+    """Rows of (--name, type, default, help) in aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3]
+            for row in rows]
+
+
+def help_text(module: types.ModuleType, extra: dict[str, object], reads: Collection[str] = READS_ALL,
+              preset: str | None = None, usage: str = "", defaults: dict | None = None,
+              chosen: str | None = None) -> str:
+    """The --help of an entry point: usage, its docstring's head, the presets, then its options and the config
+    fields it reads, section by section, each with type, default and help. The arguments are parse_args's; `chosen`
+    is a --preset given beside --help, whose values the help then shows."""
+    command = command_of(module)
+    lines = [f"usage: {usage or command + ' [--key=value ...]'}", "", _doc_head(module.__doc__), ""]
+    fields = _fields_read(reads)
+    if "preset" in reads:
+        where = "this command's default" if preset else "the default on this machine"
+        preset = preset or default_preset()
+        names = ", ".join(f"{name} ({where})" if name == preset else name for name in PRESETS)
+        own = f" (this command sets {len(defaults)} of them its own way)" if defaults else ""
+        lines += [f"presets: --preset=NAME sets every model and train field at once; the defaults below are "
+                  f"{chosen or preset}'s{own}", f"  {names}", ""]
+    preset = chosen or preset
+    if extra:
+        helps = options_help(inspect.getsource(module))
+        rows = [(f"--{key}", ("repeatable " if isinstance(default, list) else "") + _option_type(default).__name__,
+                 _describe_default(default), helps.get(key, "")) for key, default in extra.items()]
+        lines += [f"{command.split()[-1]} options:", *_table(rows), ""]
+    config = PRESETS[preset or "small"]()
+    for key, value in (defaults or {}).items():  # the entry point's own, as parse_args sets them
+        setattr(getattr(config, FIELD_SECTIONS[key]), key, value)
+    for section, kind in SECTIONS.items():
+        hints, helps = typing.get_type_hints(kind), field_help(kind)
+        rows = [(f"--{name}", _type_name(hints[name]),
+                 _describe_default(getattr(getattr(config, section), name), none="auto"), helps[name])
+                for name in fields if fields[name] == section]
+        if rows:
+            lines += [f"{section} options ({kind.__name__} in config.py):", *_table(rows), ""]
+    lines.append("Write every option as --key=value (quote a value that has spaces: --key=\"two words\"); a bare "
+                 "--flag means --flag=True.")
+    return "\n".join(lines)

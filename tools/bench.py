@@ -1,9 +1,9 @@
 """Benchmarks: matmul peak; training speed, MFU and peak RSS; decode, attention and tokenisation speed; one run.
 
-    python bench.py                          # the full table (several minutes on 2 CPU cores), writes bench.json
-    python bench.py --quick                  # eager training only, fewer steps, shorter decode (about a minute)
-    python bench.py --nanogpt_dir=~/nanoGPT  # also run nanoGPT's train.py at the same configs on the same data
-    python bench.py --gpu                    # CUDA only: gpt2 (124M) training in bf16 with torch.compile, MFU
+    python -m tools.bench                          # the full table (minutes on 2 CPU cores), writes bench.json
+    python -m tools.bench --quick                  # eager training only, fewer steps, shorter decode (about a minute)
+    python -m tools.bench --nanogpt_dir=~/nanoGPT  # also nanoGPT's train.py at the same configs on the same data
+    python -m tools.bench --gpu                    # CUDA only: gpt2 (124M) training in bf16 with torch.compile, MFU
 
 Training runs train.py itself in a child process per configuration, so each peak RSS is that configuration's, and
 each figure is the median of the steady iterations (the first ones, which hold compilation, are left out) with the
@@ -47,9 +47,9 @@ OPTIONS = {
     "repeats": 0,  # 0: 3 for the matmul peak and decode, 1 for training (each run's steps are its repeats)
     "steps": 0,  # training steps per run; 0: a default per preset
     "nanogpt_dir": "",  # a nanoGPT checkout: run its train.py at the same configs, side by side
-    "baseline_dir": "",  # another checkout of this repository (e.g. the commit before a change): its train.py at
-    # the defaults (bf16, eager), alternating with ours
-    "out": "bench.json",
+    "baseline_dir": "",  # another checkout of this repository (e.g. before a change): its train.py beside ours
+    # (at the defaults: bf16, eager, alternating with ours)
+    "out": "bench.json",  # the report, as JSON
     "decode_tokens": 0,  # 0: 512 (128 with --quick)
     "training_only": False,  # only the training rows: no RSS-vs-data, decode, attention or tokenisation lines
     "dtypes": "float32,bfloat16",  # the training rows' dtypes (the plain and baseline rows are bf16 only)
@@ -397,7 +397,7 @@ def bench_tokenization(data_dir: Path, megabytes: float) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, preset="tiny")
+    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, reads=("data_dir",))
     options, quick = parsed.options, parsed.options["quick"]
     if options["gpu"]:
         report = {"command": " ".join(["python -m tools.bench", *sys.argv[1:]]), "torch": torch.__version__,

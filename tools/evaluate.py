@@ -32,6 +32,14 @@ from gptkit.perplexity import (
 from gptkit.runtime import setup_runtime
 from model import GPT
 
+OPTIONS = {
+    "ckpt": "",  # a checkpoint file or run folder; default: the best checkpoint of the most recent run
+    "run": "",  # a run name under checkpoints/
+    "split": "val",  # val or test
+    "stride": 0,  # tokens the window moves each time; 0: half the context, so every token sees at least half of it
+    "max_tokens": 0,  # score only the split's first N tokens; 0: all of them
+}
+
 
 @dataclasses.dataclass
 class Subject:
@@ -62,8 +70,7 @@ def load_subject(config: Config, options: dict, overridden: frozenset[str]) -> S
 
 
 def main(argv: list[str] | None = None) -> Perplexity:
-    parsed = parse_args(sys.argv[1:] if argv is None else argv,
-                        extra={"ckpt": "", "run": "", "split": "val", "stride": 0, "max_tokens": 0})
+    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS)
     config, options, overridden = parsed
     if options["split"] not in ("val", "test"):
         raise ConfigError(f"split={options['split']!r} is not one of val, test")

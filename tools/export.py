@@ -23,6 +23,12 @@ from gptkit.hf import (
 )
 from gptkit.loading import model_from_checkpoint
 
+OPTIONS = {
+    "ckpt": "",  # a checkpoint file or run folder; default: the best checkpoint of the most recent run
+    "run": "",  # a run name under checkpoints/
+    "out": "",  # the folder to write; default: hf/ beside the checkpoint
+}
+
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """Write a checkpoint as a transformers GPT-2 folder: config.json, model.safetensors, tokenizer_spec.json."""
@@ -42,9 +48,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv, extra={"ckpt": "", "run": "", "out": ""})
-    if args.overridden:
-        raise UserError(f"export takes --ckpt, --run and --out only, not --{sorted(args.overridden)[0]}")
+    args = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, reads=())  # the config is the checkpoint's
     ckpt = resolve_checkpoint(args.options["ckpt"], args.options["run"])
     out = Path(args.options["out"] or ckpt.parent / "hf")
     export_checkpoint(ckpt, out)

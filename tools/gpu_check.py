@@ -26,7 +26,7 @@ import torch
 from gptkit.cli import parse_args, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONS = {"out": "gpu_check.json"}  # the readable report goes beside it, as .txt
+OPTIONS = {"out": "gpu_check.json"}  # the report, as JSON; the readable one goes beside it, as .txt
 BENCH_TIMEOUT_S = 900  # compiling gpt2 and timing it takes about 3 minutes on one H100
 TESTS_TIMEOUT_S = 420  # the cuda tests take about 3 minutes on one H100; a hang must not eat the benchmarks' time
 SUMMARY_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
@@ -85,7 +85,7 @@ def why_no_cuda() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, preset="tiny")
+    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, reads=())
     json_path = Path(parsed.options["out"])
     txt_path = json_path.with_suffix(".txt")
     lines: list[str] = []

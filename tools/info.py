@@ -1,7 +1,7 @@
 """What a config costs, and what this machine has: `make info` and `make check-deps`.
 
-    python info.py --preset=gpt2 --batch_size=8      # parameters, FLOPs per token, training memory estimate
-    python info.py --check_deps                      # package versions; GPT-2 tokenizer and WikiText-2 available?
+    python -m tools.info --preset=gpt2 --batch_size=8      # parameters, FLOPs per token, training memory estimate
+    python -m tools.info --check_deps                      # package versions; GPT-2 tokenizer and WikiText-2 here?
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from gptkit.cli import parse_args, run_cli
 from model import count_parameters, flops_per_token
 
 PACKAGES = (*runinfo.PACKAGES, "pytest", "ruff")
+OPTIONS = {"check_deps": False}  # print the dependencies' versions and what is available offline, not the config
 
 
 def training_memory_bytes(config: Config) -> dict[str, float]:
@@ -71,7 +72,8 @@ def check_deps() -> str:
 
 
 def main() -> None:
-    parsed = parse_args(sys.argv[1:], extra={"check_deps": False})
+    parsed = parse_args(sys.argv[1:], extra=OPTIONS,
+                        reads=("preset", "model", "batch_size", "gradient_accumulation_steps", "dtype"))
     print(check_deps() if parsed.options["check_deps"] else describe_config(parsed.config))
 
 

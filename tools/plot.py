@@ -16,9 +16,11 @@ from gptkit import checkpoint
 from gptkit.cli import parse_args, run_cli
 from gptkit.runinfo import plot_run
 
+OPTIONS = {"run": ""}  # a run name under checkpoints/; default: the most recent run (or --out_dir=DIR)
+
 
 def main() -> None:
-    parsed = parse_args(sys.argv[1:], extra={"run": ""})
+    parsed = parse_args(sys.argv[1:], extra=OPTIONS, reads=("out_dir",))
     if parsed.config.train.out_dir:
         run_dir = Path(parsed.config.train.out_dir)
     elif parsed.options["run"]:

@@ -1,9 +1,10 @@
 """A short sweep: train.py once per setting, side by side, and a table of validation loss against step and minutes.
 
-    python sweep.py --vary=learning_rate=1e-3,2e-3,4e-3 -- --preset=tiny --dataset=shakespeare --max_iters=400
-    python sweep.py --variant="--optimizer=adamw" --variant="--optimizer=muon" --jobs=2 -- --preset=tiny ...
+    python -m tools.sweep --vary=learning_rate=1e-3,2e-3,4e-3 -- --preset=tiny --dataset=shakespeare --max_iters=400
+    python -m tools.sweep --variant="--optimizer=adamw" --variant="--optimizer=muon" --jobs=2 -- --preset=tiny ...
 
-Everything after `--` goes to every run; each --variant (or each value of --vary) adds its own arguments. Runs go to
+Everything after `--` goes to every run: the one place where the command line passes arguments through rather than
+reading them. Each value of --vary, then each --variant, is one run with its own arguments added. Runs go to
 --out_dir/<n>/ and the table to --out_dir/sweep.json. With --jobs=2 two runs share the machine (OMP_NUM_THREADS
 split between them): the losses after a step do not depend on that, but minutes are only comparable within one
 sweep, and `make bench` is the place for timings.
@@ -19,33 +20,36 @@ import time
 from pathlib import Path
 
 from config import ConfigError, UserError
-from gptkit.cli import run_cli
+from gptkit.cli import FIELD_SECTIONS, parse_args, run_cli
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = {
+    "vary": [],  # NAME=V1,V2,...: one run per value of a train.py option, e.g. learning_rate=1e-3,2e-3
+    "variant": [],  # one run with these train.py arguments, e.g. "--optimizer=muon --muon_lr=0.02"
+    "out_dir": "checkpoints/sweep",  # run n goes to OUT_DIR/n/, the table to OUT_DIR/sweep.json; must be empty
+    "jobs": 1,  # runs at a time, sharing the machine's cores
+}
+USAGE = 'python -m tools.sweep --vary=NAME=V1,V2 | --variant="--key=value ..." [...] -- [train.py\'s --key=value ...]'
 
 
 def parse(argv: list[str]) -> tuple[list[list[str]], list[str], Path, int]:
     """(the variants' own arguments, the common arguments, the output folder, jobs at a time)."""
     own, common = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    variants, out_dir, jobs = [], Path("checkpoints/sweep"), 1
     for arg in own:
-        key, _, value = arg.partition("=")
-        if key == "--variant":
-            variants.append(value.split())
-        elif key == "--vary":
-            name, _, values = value.partition("=")
-            if not name or not values:
-                raise ConfigError(f"{arg}: use --vary=NAME=V1,V2,... e.g. --vary=learning_rate=1e-3,2e-3")
-            variants += [[f"--{name}={v}"] for v in values.split(",")]
-        elif key == "--out_dir":
-            out_dir = Path(value)
-        elif key == "--jobs":
-            jobs = int(value) if value.isdigit() and int(value) > 0 else 0
-            if not jobs:
-                raise ConfigError(f"{arg}: --jobs must be a positive integer, e.g. --jobs=2")
-        else:
-            raise ConfigError(f"unknown option {arg}; sweep.py takes --vary, --variant, --out_dir, --jobs, then -- "
-                              "and train.py's arguments")
+        key = arg.removeprefix("--").partition("=")[0]
+        if key in FIELD_SECTIONS and key not in OPTIONS:
+            raise ConfigError(f"unknown option {arg}: train.py's options go after --, e.g. -- {arg}")
+    options = parse_args(own, extra=OPTIONS, reads=(), usage=USAGE).options  # train.py reads the config, after --
+    variants = []
+    for vary in options["vary"]:
+        name, _, values = vary.partition("=")
+        if not name or not values:
+            raise ConfigError(f"--vary={vary}: use --vary=NAME=V1,V2,... e.g. --vary=learning_rate=1e-3,2e-3")
+        variants += [[f"--{name}={v}"] for v in values.split(",")]
+    variants += [variant.split() for variant in options["variant"]]
+    out_dir, jobs = Path(options["out_dir"]), options["jobs"]
+    if jobs < 1:
+        raise ConfigError(f"--jobs={jobs}: --jobs must be a positive integer, e.g. --jobs=2")
     if not variants:
         raise ConfigError("nothing to sweep; give --vary=NAME=V1,V2 or --variant=\"--key=value ...\"")
     if any(a.startswith("--out_dir") for a in common):
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     variants, common, out_dir, jobs = parse(sys.argv[1:] if argv is None else argv)
     results = run_all(variants, common, out_dir, jobs)
     (out_dir / "sweep.json").write_text(json.dumps({"common": common, "runs": results}, indent=2) + "\n")
-    print(f"python sweep.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"python -m tools.sweep {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(table(results))
 
 
