@@ -17,6 +17,7 @@ import functools
 import inspect
 import io
 import json
+import os
 import sys
 import tokenize
 import types
@@ -138,7 +139,10 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
     extra, defaults = dict(extra or {}), dict(defaults or {})
     if "--help" in argv or "-h" in argv:
         chosen = next((a.partition("=")[2] for a in argv if a.startswith("--preset=") and "preset" in reads), None)
-        print(help_text(sys.modules["__main__"], extra, reads, preset, usage, defaults, chosen))
+        try:
+            print(help_text(sys.modules["__main__"], extra, reads, preset, usage, defaults, chosen), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     pairs = _split_pairs(argv)
     preset_name = _choose_preset(pairs, preset, reads)

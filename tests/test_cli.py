@@ -122,6 +122,15 @@ def test_train_help_lists_n_layer_with_its_type_default_and_config_comment(tmp_p
     assert not list(tmp_path.iterdir()), "--help wrote something"
 
 
+def test_help_piped_into_a_reader_that_stops_early_exits_0_without_a_traceback(tmp_path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that has already stopped (like `| head -1` once it has its line): every write fails
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], cwd=tmp_path, stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(write_end)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
 def test_help_shows_the_chosen_presets_values(tmp_path):
     result = run("train.py", "--preset=gpt2", "--help", cwd=tmp_path)
     line = next(line for line in result.stdout.splitlines() if line.strip().startswith("--n_layer "))
