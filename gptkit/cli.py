@@ -130,6 +130,8 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
         config.train.min_lr = preset_train.min_lr * scale  # keep the preset's decay
     if "learning_rate" in overridden and "muon_lr" not in overridden and preset_train.optimizer == "muon":
         config.train.muon_lr = preset_train.muon_lr * scale  # one rate moves the preset's whole recipe
+    if "arch" in overridden:
+        config.model.apply_arch(keep=overridden)  # --arch=llama sets its switches; --norm=... beside it wins
     config.validate()
     return ParsedArgs(config, options, frozenset(overridden))
 
