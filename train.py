@@ -205,6 +205,7 @@ def resolve_run(argv: list[str]) -> RunRequest:
             checkpoint.newest_valid_checkpoint(run_dir, say=lambda m: print(m, file=sys.stderr)))
         config = merge_resume_config(Config.from_dict(resume_from["config"]), config, overridden)
     elif config.train.init_from != "scratch":
+        loading.check_pretrained_form(config.model, overridden)  # e.g. --arch=llama, before downloading GPT-2
         loaded = loading.load_model(config.train.init_from, dropout=config.model.dropout)
         loading.check_overrides(loaded.model_config, config.model, overridden)
         pretrained, config.model = loaded.model, loaded.model_config
