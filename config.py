@@ -59,7 +59,8 @@ class ModelConfig:
         require_choice("arch", self.arch, tuple(ARCHITECTURES))
         form = dict(ARCHITECTURES[self.arch])
         heads_per_kv = form.pop("query_heads_per_kv_head")
-        form["n_kv_head"] = self.n_head // heads_per_kv if self.n_head % heads_per_kv == 0 else self.n_head
+        grouped = heads_per_kv > 1 and self.n_head % heads_per_kv == 0
+        form["n_kv_head"] = self.n_head // heads_per_kv if grouped else 0  # 0: one key/value head per query head
         for name, value in form.items():
             if name not in keep:
                 setattr(self, name, value)
