@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lora
+import tour
 from config import Config, ModelConfig
 from data import get_tokenizer
 from generate import Sampling, generate
@@ -157,3 +158,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama_runs, args, messa
     done = run_train(llama_runs, *TINY_ARGS, "--dataset=corpus.txt", "--out_dir=new", *args, check=False)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr[-2000:]
     assert sorted(p.name for p in llama_runs.iterdir()) == before
+
+
+def test_tour_rope_shows_that_scores_depend_on_the_distance_alone(tmp_path, capsys):
+    png = tmp_path / "runs" / "tour" / "rope.png"
+    tour.show_rope(str(png))
+    out = capsys.readouterr().out
+    scores = [line.rsplit("score ", 1)[1] for line in out.splitlines() if "(distance 3)" in line]
+    assert len(scores) == 3 and len(set(scores)) == 1  # positions 3/0, 10/7 and 900/897: one score
+    assert "a full turn every 6 positions" in out and png.stat().st_size > 10_000
