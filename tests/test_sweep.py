@@ -1,8 +1,14 @@
-"""sweep.py: the variants it builds, its refusals, and the table it prints (no training: that is train.py's)."""
+"""tools/sweep.py: the variants it builds, its refusals, the table it prints, and the timed comparison behind the
+decision benchmarks (--minutes, --bits_per_byte, train.py's --max_minutes), end to end on a tiny model."""
+
+import json
+from pathlib import Path
 
 import pytest
 
 from config import ConfigError, UserError
+from tests.test_train import TINY_ARGS, make_text, metrics, run_train
+from tools import sweep as sweep_tool
 from tools.sweep import parse, table
 
 
@@ -60,3 +66,42 @@ def test_timed_runs_end_at_their_own_step_and_get_their_score_in_the_table():
     assert lines[1].count("---") == 6
     assert lines[2] == "| `--arch=gpt2` | 6.0000 | 2.00 | 400 | 5.0000 | 2.1000 |"
     assert lines[3] == "| `--arch=llama` | 5.8000 | 2.00 | 330 | 4.9000 | 2.0000 |"
+
+
+def test_max_minutes_stops_the_loop_which_then_finishes_as_at_max_iters(tmp_path):
+    (tmp_path / "corpus.txt").write_text(make_text())
+    done = run_train(tmp_path, *TINY_ARGS, "--dataset=corpus.txt", "--max_iters=100000", "--max_minutes=0.002",
+                     "--log_interval=1", "--eval_interval=100000", "--out_dir=run")
+    steps = [r["step"] for r in metrics(tmp_path / "run", "train")]
+    assert "max_minutes=0.002: stopping at step" in done.stdout and 0 < steps[-1] < 100000
+    assert [r["step"] for r in metrics(tmp_path / "run", "eval")] == [steps[-1]]  # the final eval, then best.pt
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_timed_sweep_gives_each_setting_the_steps_its_calibration_says_fit_and_scores_it(tmp_path, monkeypatch):
+    """The glue of --minutes and --bits_per_byte, with the child processes faked: train.py and tools.evaluate have
+    their own tests (a real timed sweep of the tiny model takes ~40 s on a quiet 2-core machine)."""
+    sweep = parse(["--minutes=2", "--bits_per_byte", "--variant=--arch=llama", f"--out_dir={tmp_path}", "--",
+                   "--preset=tiny"])
+    commands = []
+
+    def fake_run(command, log, what, jobs):
+        commands.append(command)
+        out_dir = Path(next(a for a in command if a.startswith(("--out_dir=", "--ckpt="))).split("=", 1)[1])
+        if "tools.evaluate" in command:
+            return "loss 1.2 | token perplexity 3.3 | word perplexity 9.9 (10 words) | bits per byte 1.2345 (9 bytes)"
+        rows = [{"kind": "train", "step": s, "elapsed_s": 0.1 * s} for s in (5, 10, 20, 30)] + \
+            [{"kind": "eval", "step": 30, "elapsed_s": 3.0, "val_loss": 4.0}]  # 0.1 s per step
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+        return ""
+    monkeypatch.setattr(sweep_tool, "run_logged", fake_run)
+    result = sweep_tool.run_one(sweep, 0, ["--arch=llama"])
+    calibration, run, evaluate = commands
+    assert calibration[-5:] == ["--max_iters=30", "--log_interval=5", "--eval_iters=1", "--eval_interval=30",
+                                f"--out_dir={tmp_path / '0-calibration'}"]
+    assert run[-3:] == ["--max_iters=1200", "--max_minutes=2.0", f"--out_dir={tmp_path / '0'}"]  # 120 s / 0.1 s
+    assert run[2:5] == ["--preset=tiny", "--arch=llama", "--max_iters=1200"]  # common, own, then the timed steps
+    assert evaluate[1:] == ["-m", "tools.evaluate", f"--ckpt={tmp_path / '0' / 'best.pt'}", "--split=val"]
+    assert result["bits_per_byte"] == 1.2345
+    assert table([result], timed=True).splitlines()[0] == "| run | minutes | steps | val loss | bits per byte |"

@@ -146,19 +146,19 @@ def table(results: list[dict], timed: bool = False) -> str:
     if timed:
         steps = sorted({point["step"] for r in results for point in r["curve"][:-1]})
     scored = any("bits_per_byte" in r for r in results)
-    extra = (" steps | val loss |" if timed else "") + (" bits per byte |" if scored else "")
-    lines = ["| run | " + " | ".join(f"step {s}" for s in steps) + " | minutes |" + extra,
-             "| --- |" + " --- |" * (len(steps) + 1 + extra.count("|"))]
+    header = ["run", *(f"step {s}" for s in steps), "minutes"] + ["steps", "val loss"] * timed + \
+        ["bits per byte"] * scored
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in results:
         losses = {p["step"]: p["val_loss"] for p in r["curve"]}
-        cells = [f"{losses[s]:.4f}" if s in losses else "-" for s in steps]
         last = r["curve"][-1]
-        row = f"| `{r['args']}` | " + " | ".join(cells) + f" | {last['minutes']:.2f} |"
+        cells = [f"`{r['args']}`", *(f"{losses[s]:.4f}" if s in losses else "-" for s in steps),
+                 f"{last['minutes']:.2f}"]
         if timed:
-            row += f" {last['step']} | {last['val_loss']:.4f} |"
+            cells += [str(last["step"]), f"{last['val_loss']:.4f}"]
         if scored:
-            row += f" {r['bits_per_byte']:.4f} |" if "bits_per_byte" in r else " - |"
-        lines.append(row)
+            cells.append(f"{r['bits_per_byte']:.4f}" if "bits_per_byte" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
