@@ -11,14 +11,16 @@ GPT-2's names, kept so that OpenAI's checkpoint loads by a key map (hf.py):
     h       the list of transformer blocks ("hidden layers")
     ln_1, ln_2, ln_f   LayerNorms: before attention, before the MLP, and the final one before the LM head
     c_attn  the attention's input projection, queries, keys and values in one matmul
-    c_fc    the MLP's first ("fully connected") layer, n_embd -> 4 * n_embd
+    c_fc    the MLP's first ("fully connected") layer, n_embd -> 4 * n_embd (SwiGLU: its gate and value together)
     c_proj  an output projection back into the residual stream (in attention and in the MLP)
-Beyond GPT-2: each switch of config.py is a small branch beside the GPT-2 line it replaces (--arch=llama: all of them):
-    position=rope   rotary embeddings turn q and k by their positions; no wpe      rope_angles, apply_rope, attention
-    norm=rmsnorm    RMSNorm instead of LayerNorm                                   norm_layer
-    mlp=swiglu      a gated SiLU MLP instead of GELU's 4x one                       mlp_hidden_size, MLP
-    n_kv_head       grouped-query attention: fewer key/value heads than query heads  CausalSelfAttention, KVCache
-    bias=False, tie_embeddings=False: no biases; an LM head of its own              GPT.__init__
+Beyond GPT-2: each switch of config.py is a small branch beside the GPT-2 line it replaces (--arch=llama: the first
+four and bias=False), commented with what it changes and why models adopted it:
+    position=rope       rotary embeddings turn q and k by position; no wpe     rope_angles, apply_rope, hidden_states
+    norm=rmsnorm        RMSNorm instead of LayerNorm                            norm_layer
+    mlp=swiglu          a gated SiLU MLP instead of GELU's 4x one               mlp_hidden_size, MLP
+    n_kv_head           grouped-query attention: fewer key/value heads          CausalSelfAttention, KVCache
+    bias=False          no biases in Linear and LayerNorm layers                nn.Linear(..., bias=config.bias)
+    tie_embeddings      False: the LM head gets a matrix of its own             GPT.__init__
 Shapes: B batch, T sequence length, C = n_embd, nh = n_head, nkv = key/value heads (nh unless n_kv_head says fewer),
 hs = head size C // nh, V vocabulary.
 """

@@ -14,6 +14,8 @@ What each path replaces, when it applies, and where its measurement lives (`make
   at a time, each chunk's softmax compiled into one loop for large vocabularies; the gradients are formed in forward.
 - Column-major decode weights (generate.py): each Linear weight stored (in, out) in memory for decoding, which
   reads the whole model per token (bench.py's decode line).
+Every form of model.py (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied heads) runs through them unchanged:
+attention is replaced after q, k and v are formed (and grouped keys repeated), the loss after the final norm.
 They apply to training on the CPU without torch.compile (which fuses the plain ops itself); elsewhere, and with
 --fast_kernels=False, model.py's plain path runs. Tests (tests/test_fast.py) hold the two equal: loss and every
 parameter's gradient, tightly in float32 and to bf16's tolerance in bf16.
