@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 
@@ -40,6 +40,31 @@ class ModelConfig:
     block_size: int = 512  # context length in tokens
     dropout: float = 0.0  # share of activations zeroed during training; 0 for short runs and big data
     bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+    arch: str = "gpt2"  # gpt2 or llama: one word for position, norm, mlp, n_kv_head and bias; options beside it win
+    position: str = "learned"  # learned: GPT-2's position embedding table; rope: rotary embeddings that turn q and k
+    rope_theta: float = 10000.0  # RoPE's base: channel pair i turns by position * rope_theta ** (-2i / head size)
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (Llama): the normalisation before each sublayer and the head
+    mlp: str = "gelu"  # gelu: GPT-2's 4x MLP; swiglu: Llama's gated MLP, hidden 8/3 x n_embd rounded up to 32
+    n_kv_head: int = 0  # key/value heads, shared by groups of query heads (grouped-query attention); 0: n_head
+    tie_embeddings: bool = True  # the LM head reuses the token embedding matrix, as in GPT-2; False: its own matrix
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads: n_kv_head, or n_head when it is 0 (every query head its own, as GPT-2)."""
+        return self.n_kv_head or self.n_head
+
+    def apply_arch(self, keep: Collection[str] = ()) -> ModelConfig:
+        """Set the switches that `arch` names (ARCHITECTURES), except the fields in `keep`: the options a user gave
+        beside --arch win over it. llama's key/value heads are n_head // 2 (all n_head when n_head is odd)."""
+        require_choice("arch", self.arch, tuple(ARCHITECTURES))
+        form = dict(ARCHITECTURES[self.arch])
+        heads_per_kv = form.pop("query_heads_per_kv_head")
+        grouped = heads_per_kv > 1 and self.n_head % heads_per_kv == 0
+        form["n_kv_head"] = self.n_head // heads_per_kv if grouped else 0  # 0: one key/value head per query head
+        for name, value in form.items():
+            if name not in keep:
+                setattr(self, name, value)
+        return self
 
     def validate(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
@@ -50,6 +75,34 @@ class ModelConfig:
                               f"pick n_head from {divisors} or change n_embd")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} is outside [0, 1); use e.g. --dropout=0.1")
+        require_choice("arch", self.arch, tuple(ARCHITECTURES))
+        require_choice("position", self.position, POSITIONS)
+        require_choice("norm", self.norm, NORMS)
+        require_choice("mlp", self.mlp, MLPS)
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            divisors = [d for d in range(1, self.n_head + 1) if self.n_head % d == 0]
+            raise ConfigError(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}; pick n_kv_head "
+                              f"from {divisors} (0 means n_head)")
+        head_size = self.n_embd // self.n_head
+        if self.position == "rope" and head_size % 2:
+            even = [d for d in range(1, self.n_embd + 1) if self.n_embd % d == 0 and (self.n_embd // d) % 2 == 0]
+            raise ConfigError(f"position=rope turns pairs of channels, but the head size n_embd/n_head = "
+                              f"{self.n_embd}/{self.n_head} = {head_size} is odd; pick n_head from {even[:8]} or "
+                              "change n_embd")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta={self.rope_theta} must be positive, e.g. --rope_theta=10000")
+
+
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+# What --arch sets. llama: the form of Llama (Touvron et al. 2023) and of most models since (Qwen, Mistral, Gemma
+# differ in details): rotary positions, RMSNorm, a SwiGLU MLP, no biases, and grouped-query attention (Ainslie et al.
+# 2023) with two query heads per key/value head. model.py comments each switch where it acts.
+ARCHITECTURES = {
+    "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", query_heads_per_kv_head=1, bias=True),
+    "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", query_heads_per_kv_head=2, bias=False),
+}
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -101,6 +154,7 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard logs into the run folder
     global_batch_size: int = 0  # sequences per optimizer step, all processes; 0: batch_size x accumulation x processes
     ddp_timeout_s: float = 300.0  # under torchrun: how long a collective waits for a dead or stuck rank before failing
+    max_minutes: float = 0.0  # stop once the steps (evals not counted) have taken this long; 0: max_iters alone
 
     def validate(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
@@ -122,6 +176,8 @@ class TrainConfig:
             raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of batch_size="
                               f"{self.batch_size}; use e.g. --global_batch_size={self.batch_size * 4}, or 0 for "
                               "batch_size x gradient_accumulation_steps x processes")
+        if self.max_minutes < 0:
+            raise ConfigError(f"max_minutes={self.max_minutes} is negative; use 0 (no limit) or e.g. --max_minutes=8")
         if self.ddp_timeout_s <= 0:
             raise ConfigError(f"ddp_timeout_s={self.ddp_timeout_s} must be positive, e.g. --ddp_timeout_s=300")
         require_choice("dtype", self.dtype, DTYPES)

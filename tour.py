@@ -5,6 +5,7 @@
     python tour.py attention                  # chapter 3: one head's causal attention weights (runs/tour/attention.png)
     python tour.py model                      # chapter 4: the GPT's layers, parameters, and its first loss
     python tour.py schedule                   # appendix D: the learning rate's warmup, decay (runs/tour/schedule.png)
+    python tour.py rope                       # beyond GPT-2: rotary embeddings turn q and k (runs/tour/rope.png)
 
 The first word names the demonstration; the words after it are its text (--text="..." says the same), and
 `tour.py attention --ckpt=checkpoints/<run>` picks the model. Each one uses the project's own code (data.py, model.py,
@@ -26,12 +27,12 @@ import data
 from config import PRESETS, ModelConfig, UserError, error_summary
 from gptkit import checkpoint, loading
 from gptkit.cli import parse_args, run_cli
-from model import GPT
+from model import GPT, apply_rope, rope_angles
 from train import learning_rate_at  # the very function the training loop calls
 
 SAMPLE_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
                "First Citizen:\nYou are all resolved rather to die than to famish?\n")
-DEMOS = ("tokens", "batch", "attention", "model", "schedule")
+DEMOS = ("tokens", "batch", "attention", "model", "schedule", "rope")
 OPTIONS = {
     "text": "",  # tokens: the text to split ("Hello, world!"); attention: the prompt ("To be, or not to be")
     "ckpt": "",  # attention: a checkpoint file or run folder; default: the latest language-model run's best
@@ -110,10 +111,16 @@ def show_attention(prompt: str = "To be, or not to be", ckpt: str = "", run: str
     idx = torch.tensor([ids])  # (1, T)
     block, n_embd = model.transformer.h[0], model.config.n_embd
     with torch.no_grad():
-        x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(idx.size(1)))  # (1, T, C)
-        q, k, _ = block.attn.c_attn(block.ln_1(x)).split(n_embd, dim=2)  # each (1, T, C)
+        x = model.transformer.wte(idx)  # (1, T, C)
+        if model.transformer.wpe is not None:  # a position=rope model turns q and k instead (tour.py rope)
+            x = x + model.transformer.wpe(torch.arange(idx.size(1)))
         head_size = n_embd // model.config.n_head
-        q, k = q[0, :, :head_size], k[0, :, :head_size]  # head 0: (T, hs)
+        kv_size = block.attn.n_kv_head * head_size  # grouped-query attention: fewer key/value heads
+        q, k, _ = block.attn.c_attn(block.ln_1(x)).split((n_embd, kv_size, kv_size), dim=2)
+        q, k = q[:, :, :head_size], k[:, :, :head_size]  # head 0 and the key head it reads: (1, T, hs)
+        if model.config.position == "rope":
+            q, k = (apply_rope(t, *rope_angles(model.config, torch.arange(idx.size(1)))) for t in (q, k))
+        q, k = q[0], k[0]  # (T, hs)
         scores = q @ k.T / math.sqrt(head_size)  # (T, T)
         future = torch.ones_like(scores, dtype=torch.bool).triu(1)  # position t may not see t + 1, t + 2, ...
         weights = F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)  # each row sums to 1
@@ -179,6 +186,54 @@ def show_schedule() -> None:
     save_picture(figure, "schedule.png")
 
 
+def show_rope() -> None:
+    """Beyond GPT-2: rotary position embeddings (model.py's rope_angles and apply_rope, --position=rope) turn each
+    pair of q's and k's channels by an angle proportional to the position, so that the attention score of a query and
+    a key depends only on how far apart they are. GPT-2 instead adds a learned vector per position to the input."""
+    config = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=1024, position="rope")
+    cos, sin = rope_angles(config, torch.arange(config.block_size))  # (T, hs): one angle per position and pair
+    turns = torch.atan2(sin[1], cos[1])[:4]  # position 1's angles: radians per position of pairs 0..3
+    print(f"head size 8: 4 channel pairs, pair i turning by rope_theta ** (-2i/8) radians per position "
+          f"(rope_theta={config.rope_theta:g})")
+    for i, step in enumerate(turns.tolist()):
+        print(f"  pair {i} (channels {i} and {i + 4}): {step:.4f} rad per position, a full turn every "
+              f"{2 * math.pi / step:,.0f} positions")
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 8), torch.randn(1, 8)  # one query and one key vector, as c_attn would make them
+
+    def turned(x: torch.Tensor, position: int) -> torch.Tensor:
+        return apply_rope(x, cos[position:position + 1], sin[position:position + 1])
+
+    def score(query_position: int, key_position: int) -> float:
+        return (turned(q, query_position) * turned(k, key_position)).sum().item()
+    print("the same q and k at positions m and n: the score q.k depends on the distance m - n alone")
+    for m, n in ((3, 0), (10, 7), (900, 897), (4, 0)):
+        print(f"  q at {m:>3}, k at {n:>3} (distance {m - n}): score {score(m, n):+.4f}")
+    print(f"a turn keeps lengths: |q| = {q.norm():.4f} at position 0 and {turned(q, 500).norm():.4f} at 500; "
+          "v is never turned, so what a head reads out is content alone")
+    print("GPT-2's wpe is a table of block_size x C learned numbers, with no row past block_size; RoPE learns "
+          "nothing and relative positions mean the same at any offset")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    positions = range(0, 64)
+    for i in range(4):
+        left.plot(positions, [math.remainder(turns[i].item() * t, 2 * math.pi) for t in positions], label=f"pair {i}")
+    left.set_xlabel("position")
+    left.set_ylabel("angle (radians, wrapped)")
+    left.set_title("each channel pair turns at its own speed")
+    left.legend()
+    wide = ModelConfig(n_layer=1, n_head=1, n_embd=64, block_size=1024, position="rope")  # GPT-2's head size
+    ones = torch.ones(wide.block_size, 64)  # a query and a key that agree, the key at distance 0, 1, 2, ...
+    scores = (apply_rope(ones, *rope_angles(wide, torch.arange(wide.block_size))) * ones).sum(dim=-1)  # (T,)
+    right.plot(range(wide.block_size), scores.tolist())
+    right.set_xlabel("distance between query and key (positions)")
+    right.set_ylabel("score q.k")
+    right.set_title("head size 64, q = k = ones: far apart scores lower")
+    save_picture(figure, "rope.png")
+
+
 def save_picture(figure, name: str) -> None:
     PICTURES.mkdir(parents=True, exist_ok=True)
     figure.savefig(PICTURES / name, dpi=100, bbox_inches="tight")
@@ -206,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         show_attention(text or "To be, or not to be", options["ckpt"], options["run"])
     elif demo == "model":
         show_model()
+    elif demo == "rope":
+        show_rope()
     else:
         show_schedule()
 

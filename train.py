@@ -205,6 +205,7 @@ def resolve_run(argv: list[str]) -> RunRequest:
             checkpoint.newest_valid_checkpoint(run_dir, say=lambda m: print(m, file=sys.stderr)))
         config = merge_resume_config(Config.from_dict(resume_from["config"]), config, overridden)
     elif config.train.init_from != "scratch":
+        loading.check_pretrained_form(config.model, overridden)  # e.g. --arch=llama, before downloading GPT-2
         loaded = loading.load_model(config.train.init_from, dropout=config.model.dropout)
         loading.check_overrides(loaded.model_config, config.model, overridden)
         pretrained, config.model = loaded.model, loaded.model_config
@@ -488,7 +489,7 @@ def train_loop(t: Training, stop: StopRequest) -> bool:
         progress = tqdm(total=train.max_iters, initial=state.step, unit="step", dynamic_ncols=True)
     t.model.train()
     bad_steps = 0
-    while state.step < train.max_iters and not stop_agreed(stop, runtime):
+    while state.step < train.max_iters and not stop_agreed(stop, runtime) and not out_of_time(t):
         lr = learning_rate_at(state.step, train.learning_rate, train.min_lr, train.warmup_iters, decay_iters,
                               train.lr_schedule, train.cooldown_frac)
         set_muon_momentum(t.optimizer, state.step, train)
@@ -520,6 +521,20 @@ def train_loop(t: Training, stop: StopRequest) -> bool:
     if progress is not None:
         progress.close()
     return False
+
+
+def out_of_time(t: Training) -> bool:
+    """--max_minutes: have the steps (evals not counted) used the run's time? Rank 0's clock decides for every rank,
+    so that all stop at the same step, as stop_agreed does for signals. The loop then finishes as at max_iters."""
+    if not t.config.train.max_minutes:
+        return False
+    over = torch.tensor(float(t.state.elapsed_s >= t.config.train.max_minutes * 60), device=t.runtime.device)
+    if t.runtime.distributed:
+        dist.broadcast(over, src=0)
+    if over.item():
+        t.log(f"max_minutes={t.config.train.max_minutes}: stopping at step {t.state.step} of "
+              f"{t.config.train.max_iters}")
+    return bool(over.item())
 
 
 def log_step(t: Training, loss: torch.Tensor, lr: float, started: float, progress) -> None:

@@ -175,6 +175,8 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
     for key, value in defaults.items():
         if key not in overridden:
             setattr(getattr(config, FIELD_SECTIONS[key]), key, value)
+    if "arch" in overridden:
+        config.model.apply_arch(keep=overridden)  # --arch=llama sets its switches; --norm=... beside it wins
     config.validate()
     return ParsedArgs(config, options, frozenset(overridden))
 

@@ -8,11 +8,14 @@ What each path replaces, when it applies, and where its measurement lives (`make
 - Matmul attention: F.scaled_dot_product_attention(is_causal=True) in training, as two batched matmuls and a
   softmax, in bf16 up to a context of 512, where the fused kernel is slower on a CPU (bench.py's attention line).
 - One tied-weight gradient: the LM head and the token embedding share one weight; instead of two full (V, C)
-  gradients that autograd adds, the loss leaves its gradient for the embedding's backward to add its rows into.
+  gradients that autograd adds, the loss leaves its gradient for the embedding's backward to add its rows into
+  (an untied model, tie_embeddings=False, keeps its two gradients).
 - Chunked LM-head loss: F.cross_entropy(lm_head(x)) without ever holding the (B * T, V) logits, a chunk of rows
   at a time, each chunk's softmax compiled into one loop for large vocabularies; the gradients are formed in forward.
 - Column-major decode weights (generate.py): each Linear weight stored (in, out) in memory for decoding, which
   reads the whole model per token (bench.py's decode line).
+Every form of model.py (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied heads) runs through them unchanged:
+attention is replaced after q, k and v are formed (and grouped keys repeated), the loss after the final norm.
 They apply to training on the CPU without torch.compile (which fuses the plain ops itself); elsewhere, and with
 --fast_kernels=False, model.py's plain path runs. Tests (tests/test_fast.py) hold the two equal: loss and every
 parameter's gradient, tightly in float32 and to bf16's tolerance in bf16.
@@ -66,7 +69,8 @@ class FastGPT(GPT):
         if targets is None or kv_cache is not None:
             return super().forward(idx, targets, kv_cache, last_only)
         weight = self.transformer.wte.weight
-        tied = TiedGradient(weight) if torch.is_grad_enabled() else None
+        is_tied = self.lm_head.weight is weight  # tie_embeddings=False: two matrices, each its own gradient
+        tied = TiedGradient(weight) if torch.is_grad_enabled() and is_tied else None
         tokens = TiedEmbedding.apply(idx, weight, tied) if tied else F.embedding(idx, weight)  # (B, T, C)
         x = self.hidden_states(tokens)  # (B, T, C)
         return lm_head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), tied=tied)

@@ -1,6 +1,7 @@
 """GPT-2 weights in and out of Hugging Face's layout: the name and shape mapping, OpenAI's GPT-2 from the Hub (or a
 local folder), and the config.json transformers reads. gptkit/loading.py loads with it (`--init_from=gpt2|PATH`);
-`python -m tools.export` writes a checkpoint out with it.
+`python -m tools.export` writes a checkpoint out with it: the GPT-2 form as GPT2LMHeadModel, the llama form
+(position=rope, norm=rmsnorm, mlp=swiglu, any n_kv_head, bias and tie_embeddings) as LlamaForCausalLM.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from config import ModelConfig, UserError, error_summary
 from gptkit import sources
-from model import GPT
+from model import GPT, RMS_NORM_EPS, mlp_hidden_size
 
 # OpenAI's four sizes, under the organisation that now hosts them on the Hub.
 OFFICIAL_MODELS = {
@@ -91,13 +92,13 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """
     tensors = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
+        if name == "lm_head.weight" and model.config.tie_embeddings:
             continue  # tied to transformer.wte.weight; transformers re-ties it on load (tie_word_embeddings)
         tensor = tensor.detach().to("cpu", torch.float32)
         tensors[name] = (tensor.t() if name.endswith(TRANSPOSED) else tensor).contiguous().clone()
     if not model.config.bias:
         for name in list(tensors):
-            if name.endswith(".weight") and not name.endswith(("wte.weight", "wpe.weight")):
+            if name.endswith(".weight") and not name.endswith(("wte.weight", "wpe.weight", "lm_head.weight")):
                 out_features = tensors[name].shape[-1] if name.endswith(TRANSPOSED) else tensors[name].shape[0]
                 tensors[name[: -len("weight")] + "bias"] = torch.zeros(out_features)
     return tensors
@@ -230,7 +231,88 @@ def hf_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": GPT2_EOT if is_gpt2_bpe else None,
+        "eos_token_id": GPT2_EOT if is_gpt2_bpe else None,
+        "tokenizer_class": "GPT2TokenizerFast" if is_gpt2_bpe else None,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+# The forms a transformers class computes exactly: the switches each needs (n_kv_head: the key/value heads).
+EXPORT_FORMS = {
+    "GPT2LMHeadModel": lambda config: dict(position="learned", norm="layernorm", mlp="gelu", n_kv_head=config.n_head),
+    "LlamaForCausalLM": lambda config: dict(position="rope", norm="rmsnorm", mlp="swiglu"),
+}
+
+
+def export_architecture(config: ModelConfig) -> str:
+    """The transformers class that computes what this model computes; for a mix of the two forms (e.g. RoPE with
+    LayerNorm), a one-line UserError naming the switches to train with instead. Biases and tying fit either class."""
+    switches = dict(position=config.position, norm=config.norm, mlp=config.mlp, n_kv_head=config.kv_heads)
+    changes = {name: [f"--{key}={value}" for key, value in form(config).items() if switches[key] != value]
+               for name, form in EXPORT_FORMS.items()}
+    for name, needed in changes.items():
+        if not needed:
+            return name
+    options = sorted(changes.items(), key=lambda item: len(item[1]))
+    have = ", ".join(f"{key}={value}" for key, value in switches.items())
+    raise UserError(f"no transformers class computes this mix of switches ({have}); train with "
+                    + " or with ".join(f"{' '.join(needed)} ({name})" for name, needed in options) + " to export it")
+
+
+def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' LlamaForCausalLM names: c_attn split into q_proj, k_proj, v_proj, the SwiGLU
+    c_fc into gate_proj and up_proj (in that order, as model.py's MLP chunks it), the tied LM head left out.
+
+    Both use the same RoPE (channel i paired with i + hs/2, "rotate_half"), so no weight needs permuting.
+    """
+    config = model.config
+    C, kv_size, hidden = config.n_embd, config.kv_heads * (config.n_embd // config.n_head), mlp_hidden_size(config)
+    ours = {name: t.detach().to("cpu", torch.float32) for name, t in model.state_dict().items()}
+    tensors = {"model.embed_tokens.weight": ours["transformer.wte.weight"],
+               "model.norm.weight": ours["transformer.ln_f.weight"]}
+    if not config.tie_embeddings:
+        tensors["lm_head.weight"] = ours["lm_head.weight"]
+    for layer in range(config.n_layer):
+        h, out = f"transformer.h.{layer}.", f"model.layers.{layer}."
+        tensors[out + "input_layernorm.weight"] = ours[h + "ln_1.weight"]
+        tensors[out + "post_attention_layernorm.weight"] = ours[h + "ln_2.weight"]
+        for kind in ("weight", "bias") if config.bias else ("weight",):
+            q, k, v = ours[h + "attn.c_attn." + kind].split((C, kv_size, kv_size))
+            gate, up = ours[h + "mlp.c_fc." + kind].split((hidden, hidden))
+            tensors.update({out + "self_attn.q_proj." + kind: q, out + "self_attn.k_proj." + kind: k,
+                            out + "self_attn.v_proj." + kind: v,
+                            out + "self_attn.o_proj." + kind: ours[h + "attn.c_proj." + kind],
+                            out + "mlp.gate_proj." + kind: gate, out + "mlp.up_proj." + kind: up,
+                            out + "mlp.down_proj." + kind: ours[h + "mlp.c_proj." + kind]})
+    return {name: t.contiguous().clone() for name, t in tensors.items()}  # safetensors refuses shared memory
+
+
+def llama_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
+    """A config.json that transformers reads as LlamaForCausalLM with the same sizes and math as ours."""
+    is_gpt2_bpe = tokenizer.get("name") == "gpt2" and config.vocab_size > GPT2_EOT
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": mlp_hidden_size(config),
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.n_embd // config.n_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "initializer_range": 0.02,
+        "rms_norm_eps": RMS_NORM_EPS,
+        "rope_theta": config.rope_theta,  # older transformers read this key, 5.x reads rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_bias": config.bias,
+        "mlp_bias": config.bias,
+        "attention_dropout": config.dropout,  # Llama has no residual dropout; equal in eval mode either way
+        "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": GPT2_EOT if is_gpt2_bpe else None,
         "eos_token_id": GPT2_EOT if is_gpt2_bpe else None,
         "tokenizer_class": "GPT2TokenizerFast" if is_gpt2_bpe else None,

@@ -5,6 +5,7 @@ load through `load_model`; checkpoint.py only reads and writes the files.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import lora
@@ -76,8 +77,29 @@ def load_model(init_from: str = "scratch", ckpt: str = "", run: str = "", dropou
 
 
 def check_overrides(pretrained: ModelConfig, requested: ModelConfig, overridden: frozenset[str]) -> None:
-    """Refuse command-line model sizes that contradict loaded weights (pretrained or a checkpoint); dropout is free."""
-    for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias"):
-        if name in overridden and getattr(requested, name) != getattr(pretrained, name):
+    """Refuse command-line model sizes or architecture switches that contradict loaded weights (pretrained or a
+    checkpoint); dropout is free."""
+    def value(config: ModelConfig, name: str):
+        return config.kv_heads if name == "n_kv_head" else getattr(config, name)  # n_kv_head=0 means n_head
+    form = ("position", "norm", "mlp", "n_kv_head", "bias")
+    if "arch" in overridden and any(value(requested, name) != value(pretrained, name) for name in form):
+        weights = "GPT-2's weights are the GPT-2 form" if pretrained.arch == "gpt2" else \
+            f"the loaded weights are the {pretrained.arch} form"
+        switches = [f"{name}={value(pretrained, name)}" for name in form]
+        if pretrained.kv_heads == pretrained.n_head:
+            switches[form.index("n_kv_head")] = "n_kv_head=n_head"
+        raise UserError(f"--arch={requested.arch} contradicts the weights being loaded: {weights} "
+                        f"({', '.join(switches)}); drop --arch, or train that form from scratch")
+    for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias", "position", "rope_theta", "norm",
+                 "mlp", "n_kv_head", "tie_embeddings"):
+        if name in overridden and value(requested, name) != value(pretrained, name):
             raise UserError(f"--{name}={getattr(requested, name)} contradicts the loaded model's "
-                            f"{name}={getattr(pretrained, name)}; drop the option (sizes come from the weights)")
+                            f"{name}={value(pretrained, name)}; drop the option (sizes and switches come from the "
+                            "weights)")
+
+
+def check_pretrained_form(requested: ModelConfig, overridden: frozenset[str]) -> None:
+    """Before loading --init_from=gpt2|PATH (perhaps a download): those weights are the GPT-2 form, the only one hf.py
+    imports, so --arch=llama or a switch that contradicts that form is refused at once."""
+    gpt2_form = dataclasses.replace(requested, arch="gpt2", tie_embeddings=True).apply_arch()
+    check_overrides(gpt2_form, requested, overridden)

@@ -66,6 +66,13 @@ def test_unknown_key_suggests_the_closest_names():
     (["--muon_lr=-1"], r"muon_lr=-1.0 must be positive"),
     (["--muon_momentum=1"], r"muon_momentum=1.0 must be in \[0, 1\)"),
     (["--muon_ns_steps=0"], r"muon_ns_steps=0 must be at least 1"),
+    (["--arch=foo"], r"arch='foo' is not one of gpt2, llama"),
+    (["--n_kv_head=3"], r"n_kv_head=3 does not divide n_head=4; pick n_kv_head from \[1, 2, 4\] \(0 means n_head\)"),
+    (["--arch=llama", "--n_head=8", "--n_kv_head=3"], r"n_kv_head=3 does not divide n_head=8"),
+    (["--position=rope", "--n_embd=120", "--n_head=8"], r"position=rope turns pairs of channels, but the head size "
+                                                         r"n_embd/n_head = 120/8 = 15 is odd; pick n_head from \[1, 2"),
+    (["--norm=batchnorm"], r"norm='batchnorm' is not one of layernorm, rmsnorm"),
+    (["--max_minutes=-1"], r"max_minutes=-1.0 is negative"),
 ])
 def test_invalid_values_are_rejected_with_the_value_and_a_fix(args, message):
     with pytest.raises(ConfigError, match=message):
@@ -137,3 +144,28 @@ def test_both_fine_tuning_scripts_reject_a_bad_shared_option_with_one_message(sc
     with pytest.raises(ConfigError, match=message):
         module.resolve_config(args)
     module.resolve_config([])  # and their defaults pass
+
+
+def test_arch_sets_its_switches_in_one_word_and_options_beside_it_win():
+    parsed = parse_args(["--preset=tiny", "--arch=llama", "--norm=layernorm"])
+    model = parsed.config.model
+    assert (model.arch, model.position, model.norm, model.mlp, model.n_kv_head, model.bias) == \
+        ("llama", "rope", "layernorm", "swiglu", 2, False)  # tiny's 4 heads share 2 key/value heads
+    assert parsed.overridden == {"arch", "norm"}  # what --arch set is not "given": a resume compares arch itself
+    assert parse_args(["--preset=tiny", "--n_head=8", "--arch=llama"]).config.model.n_kv_head == 4  # after n_head
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_gpt2_stays_the_default_form_everywhere(name):
+    model = PRESETS[name]().model
+    assert (model.arch, model.position, model.norm, model.mlp, model.n_kv_head, model.tie_embeddings) == \
+        ("gpt2", "learned", "layernorm", "gelu", 0, True)
+
+
+def test_a_checkpoint_config_from_before_the_switches_loads_as_gpt2():
+    saved = parse_args(["--preset=tiny"]).config.to_dict()
+    for new_field in ("arch", "position", "rope_theta", "norm", "mlp", "n_kv_head", "tie_embeddings"):
+        del saved["model"][new_field]
+    del saved["train"]["max_minutes"]
+    config = Config.from_dict(saved)
+    assert config.model == PRESETS["tiny"]().model and config.train.max_minutes == 0

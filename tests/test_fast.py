@@ -15,6 +15,11 @@ from gptkit.fast import FastGPT, MatmulCausalSelfAttention, lm_head_cross_entrop
 from model import GPT
 
 TINY = ModelConfig(vocab_size=100, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)
+# The fast paths under every model.py switch: the llama form (RoPE, RMSNorm, SwiGLU, GQA, no biases), and untied.
+FORMS = {"gpt2": TINY,
+         "llama": ModelConfig(**{**TINY.__dict__, "arch": "llama"}).apply_arch(),
+         "llama-untied-biases": ModelConfig(**{**TINY.__dict__, "arch": "llama", "bias": True,
+                                               "tie_embeddings": False}).apply_arch(keep={"bias"})}
 
 
 def plain_and_fast(config: ModelConfig = TINY, seed: int = 0) -> tuple[GPT, GPT]:
@@ -46,8 +51,9 @@ def test_the_switch_keeps_parameters_and_their_names_and_is_off_where_it_does_no
         assert type(model) is GPT and reason in line and line.startswith("fast kernels: off")
 
 
-def test_loss_and_every_gradient_match_the_plain_model_tightly_in_float32():
-    plain, quick = plain_and_fast()
+@pytest.mark.parametrize("config", FORMS.values(), ids=FORMS.keys())
+def test_loss_and_every_gradient_match_the_plain_model_tightly_in_float32(config):
+    plain, quick = plain_and_fast(config)
     x, y = torch.randint(0, 100, (3, 16)), torch.randint(0, 100, (3, 16))
     y[0, :3] = -1  # ignored targets, as F.cross_entropy(ignore_index=-1)
     want_loss, want = loss_and_gradients(plain, x, y)
@@ -59,8 +65,9 @@ def test_loss_and_every_gradient_match_the_plain_model_tightly_in_float32():
         assert torch.allclose(quick(x, y), plain(x, y), atol=1e-6)
 
 
-def test_loss_and_every_gradient_match_the_plain_model_to_bf16_tolerance_under_autocast(monkeypatch):
-    plain, quick = plain_and_fast()
+@pytest.mark.parametrize("config", FORMS.values(), ids=FORMS.keys())
+def test_loss_and_every_gradient_match_the_plain_model_to_bf16_tolerance_under_autocast(monkeypatch, config):
+    plain, quick = plain_and_fast(config)
     x, y = torch.randint(0, 100, (3, 16)), torch.randint(0, 100, (3, 16))
     want_loss, want = loss_and_gradients(plain, x, y, torch.bfloat16)
     attention_calls = []
@@ -74,10 +81,11 @@ def test_loss_and_every_gradient_match_the_plain_model_to_bf16_tolerance_under_a
         assert (got[name] - want[name]).abs().max().item() <= 3e-2 * scale + 1e-6, name
 
 
-def test_tied_weight_gradient_of_scaled_micro_steps_accumulates_like_the_plain_ops():
+@pytest.mark.parametrize("config", FORMS.values(), ids=FORMS.keys())
+def test_tied_weight_gradient_of_scaled_micro_steps_accumulates_like_the_plain_ops(config):
     # the loss's backward leaves the head's gradient for the embedding's backward to add its rows into: over two
     # scaled backward passes (gradient accumulation) .grad must still be the sum of both, each counted once
-    plain, quick = plain_and_fast()
+    plain, quick = plain_and_fast(config)
     batches = [(torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16)), scale) for scale in (0.5, 0.25)]
     for model in (plain, quick):
         model.zero_grad()

@@ -3,6 +3,7 @@
     python -m pytest -q tests/test_hf.py   # no network: models are tiny and built from random weights
 """
 
+import copy
 import json
 import time
 
@@ -11,8 +12,9 @@ import torch
 import transformers  # test-only dependency (requirements-dev.txt): the reference implementation of GPT-2
 from safetensors.torch import load_file, save_file
 
+import generate
 from config import Config, ModelConfig, UserError
-from gptkit import hf, loading, sources
+from gptkit import fast, hf, loading, sources
 from gptkit.checkpoint import save_checkpoint
 from model import GPT
 from tools import export
@@ -95,9 +97,15 @@ def test_hub_layout_without_prefix_and_with_mask_buffers_loads(saved_by_transfor
         torch.testing.assert_close(ours.eval()(x), theirs(x).logits, atol=1e-4, rtol=1e-4)
 
 
-def export_tiny(tmp_path, bias: bool = True, tokenizer: dict | None = None):
-    config = Config(model=ModelConfig(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=CONTEXT,
-                                      bias=bias))
+def export_tiny(tmp_path, bias: bool = True, tokenizer: dict | None = None, **switches):
+    """A checkpoint of a tiny random model; `switches` (e.g. arch="llama", position="rope") as on the command line,
+    where --arch sets its switches and the ones given beside it win."""
+    model_config = ModelConfig(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=CONTEXT, bias=bias,
+                               **switches)
+    if "arch" in switches:
+        model_config.apply_arch(keep=switches)
+    model_config.validate()
+    config = Config(model=model_config)
     model = GPT(config.model).eval()
     randomize(model, seed=2)
     ckpt = tmp_path / "run" / "best.pt"
@@ -124,6 +132,52 @@ def test_exported_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, b
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(x), ours(x), atol=1e-5, rtol=1e-5)
     assert saved["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D layout: (in, out)
+
+
+@pytest.mark.parametrize("switches", [dict(arch="llama"), dict(arch="llama", n_kv_head=2, bias=True,
+                                                                  tie_embeddings=False, rope_theta=500.0)],
+                         ids=["llama-gqa", "llama-biases-untied"])
+def test_llama_form_exports_as_llama_for_causal_lm_with_equal_logits_and_greedy_tokens(tmp_path, switches):
+    ours, ckpt = export_tiny(tmp_path, **switches)
+    out = export.export_checkpoint(ckpt, tmp_path / "export")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # offline: a local folder
+    assert type(theirs) is transformers.LlamaForCausalLM
+    assert theirs.config.num_key_value_heads == ours.config.kv_heads
+    x = tokens()
+    with torch.no_grad():
+        want = theirs(x).logits
+        assert want.abs().max() > 1.0  # random weights: not two near-zero tensors
+        # fp32, all 16 positions of 2 rows; equal to the last bit here, 1e-5 allows another summation order
+        torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=1e-5)
+    prompt = x[:, :4]
+    their_tokens = theirs.generate(prompt, max_new_tokens=CONTEXT - 4, do_sample=False)[:, 4:]
+    decoder = fast.lay_out_for_decoding(copy.deepcopy(ours))  # generate.py's CPU decoding layout, KV cache on
+    our_tokens = generate.generate(decoder, prompt, CONTEXT - 4, generate.Sampling(temperature=0)).tokens
+    assert torch.equal(our_tokens, their_tokens)
+
+
+def test_gpt2_form_with_its_own_lm_head_exports_untied(tmp_path):
+    ours, ckpt = export_tiny(tmp_path, tie_embeddings=False)
+    out = export.export_checkpoint(ckpt, tmp_path / "export")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert theirs.lm_head.weight.data_ptr() != theirs.transformer.wte.weight.data_ptr()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("switches, message", [
+    (dict(position="rope"), r"train with --position=learned \(GPT2LMHeadModel\) or with --norm=rmsnorm "
+                            r"--mlp=swiglu \(LlamaForCausalLM\) to export it"),
+    (dict(arch="llama", mlp="gelu"), r"\(position=rope, norm=rmsnorm, mlp=gelu, n_kv_head=1\); train with "
+                                     r"--mlp=swiglu \(LlamaForCausalLM\)"),
+    (dict(n_kv_head=1), r"train with --n_kv_head=2 \(GPT2LMHeadModel\)"),
+], ids=["rope-layernorm-gelu", "llama-with-gelu", "gpt2-with-gqa"])
+def test_a_mix_no_transformers_class_computes_is_refused_in_one_line_naming_the_switch(tmp_path, switches, message):
+    _, ckpt = export_tiny(tmp_path, **switches)
+    with pytest.raises(UserError, match=message) as err:
+        export.export_checkpoint(ckpt, tmp_path / "export")
+    assert "\n" not in str(err.value) and not (tmp_path / "export").exists()
 
 
 def test_export_round_trips_through_load_pretrained_with_its_tokenizer(tmp_path):

@@ -34,6 +34,7 @@ EXPECTED = {
     "instruct.py": (["before training: val response loss", "done: val response loss"],
                     ["checkpoints/tour-instruct/best.pt", "checkpoints/tour-instruct/responses.json"]),
     "--lora_rank": (["LoRA rank 16", "merged the adapters into the weights"], ["checkpoints/tour-lora/merged.pt"]),
+    "tour.py rope": (["depends on the distance m - n alone", "saved runs/tour/rope.png"], ["runs/tour/rope.png"]),
 }
 # Each README and the heading of its learning path; the first is the one whose commands run.
 READMES = {"README.md": "## Learning path", "README.zh-CN.md": "## 学习路径"}

@@ -55,6 +55,8 @@ class Subject:
 
 def load_subject(config: Config, options: dict, overridden: frozenset[str]) -> Subject:
     """A pretrained model (--init_from=gpt2|PATH) on the command line's data, or a checkpoint on its training data."""
+    if config.train.init_from != "scratch":
+        loading.check_pretrained_form(config.model, overridden)  # e.g. --arch=llama, before downloading GPT-2
     loaded = load_model(config.train.init_from, ckpt=options["ckpt"], run=options["run"])
     loading.check_overrides(loaded.model_config, config.model, overridden)
     if loaded.saved_config is None:  # pretrained weights: the command line's data, in the model's tokenizer

@@ -1,4 +1,5 @@
-"""Write a checkpoint as a transformers GPT-2 folder: config.json, model.safetensors and tokenizer_spec.json.
+"""Write a checkpoint as a transformers folder: config.json, model.safetensors and tokenizer_spec.json. The GPT-2 form
+loads as GPT2LMHeadModel, the llama form (--arch=llama) as LlamaForCausalLM; a mix of the two is refused.
 
     python -m tools.export --ckpt=checkpoints/RUN/best.pt --out=DIR      # or make export CKPT=... OUT=...
 """
@@ -17,8 +18,11 @@ from gptkit.hf import (
     GPT2_TOKENIZER,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
+    export_architecture,
     hf_config_dict,
     hf_state_dict,
+    llama_config_dict,
+    llama_state_dict,
     pretrained_tokenizer,
 )
 from gptkit.loading import model_from_checkpoint
@@ -31,16 +35,21 @@ OPTIONS = {
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a checkpoint as a transformers GPT-2 folder: config.json, model.safetensors, tokenizer_spec.json."""
+    """Write a checkpoint as a transformers folder (GPT2LMHeadModel or LlamaForCausalLM): config.json,
+    model.safetensors, tokenizer_spec.json."""
     from safetensors.torch import save_file
     payload = load_checkpoint(Path(ckpt_path))
     model, config = model_from_checkpoint(payload)
     tokenizer = payload.get("tokenizer") or dict(GPT2_TOKENIZER)
+    if export_architecture(config.model) == "LlamaForCausalLM":  # refuses a mix no transformers class computes
+        tensors, hf_config = llama_state_dict(model), llama_config_dict(config.model, tokenizer)
+    else:
+        tensors, hf_config = hf_state_dict(model), hf_config_dict(config.model, tokenizer)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        save_file(hf_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-        (out / CONFIG_FILE).write_text(json.dumps(hf_config_dict(config.model, tokenizer), indent=2) + "\n")
+        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer) + "\n")
     except OSError as err:
         raise UserError(f"could not write the export to {out}: {err.strerror or err}") from None
@@ -53,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.options["out"] or ckpt.parent / "hf")
     export_checkpoint(ckpt, out)
     tokenizer = pretrained_tokenizer(str(out))
-    usage = "GPT2LMHeadModel.from_pretrained(folder)"
+    architecture = json.loads((out / CONFIG_FILE).read_text())["architectures"][0]
+    usage = f"{architecture}.from_pretrained(folder)"
     if tokenizer["name"] == "gpt2":
         usage += ", tokenizer AutoTokenizer.from_pretrained('gpt2')"
     print(f"exported {ckpt} to {out}/ ({CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}); load with {usage}")

@@ -2,21 +2,29 @@
 
     python -m tools.sweep --vary=learning_rate=1e-3,2e-3,4e-3 -- --preset=tiny --dataset=shakespeare --max_iters=400
     python -m tools.sweep --variant="--optimizer=adamw" --variant="--optimizer=muon" --jobs=2 -- --preset=tiny ...
+    python -m tools.sweep --minutes=8 --bits_per_byte --vary=arch=gpt2,llama -- --preset=tiny --dataset=shakespeare
 
 Everything after `--` goes to every run: the one place where the command line passes arguments through rather than
 reading them. Each value of --vary, then each --variant, is one run with its own arguments added. Runs go to
 --out_dir/<n>/ and the table to --out_dir/sweep.json. With --jobs=2 two runs share the machine (OMP_NUM_THREADS
 split between them): the losses after a step do not depend on that, but minutes are only comparable within one
 sweep, and `make bench` is the place for timings.
+
+--minutes=M compares settings at equal training time instead of equal steps: a short calibration run of each setting
+measures its time per step, its run gets the steps that fit in M minutes (so its schedule ends there), and
+--max_minutes=M stops it should it be slower than measured. --bits_per_byte scores each run's best.pt over its whole
+validation split with tools.evaluate (run as a child process), a figure that compares across tokenizers.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from config import ConfigError, UserError
@@ -28,12 +36,24 @@ OPTIONS = {
     "variant": [],  # one run with these train.py arguments, e.g. "--optimizer=muon --muon_lr=0.02"
     "out_dir": "checkpoints/sweep",  # run n goes to OUT_DIR/n/, the table to OUT_DIR/sweep.json; must be empty
     "jobs": 1,  # runs at a time, sharing the machine's cores
+    "minutes": 0.0,  # > 0: every run trains this many minutes, its steps calibrated to fit (0: train.py's max_iters)
+    "bits_per_byte": False,  # score each run's best.pt on the val split with tools.evaluate (tokenizer-independent)
 }
 USAGE = 'python -m tools.sweep --vary=NAME=V1,V2 | --variant="--key=value ..." [...] -- [train.py\'s --key=value ...]'
+CALIBRATION_STEPS = 30  # --minutes: steps of each setting timed before its run; the first 10 (warm-up) are not counted
 
 
-def parse(argv: list[str]) -> tuple[list[list[str]], list[str], Path, int]:
-    """(the variants' own arguments, the common arguments, the output folder, jobs at a time)."""
+@dataclass
+class Sweep:
+    variants: list[list[str]]  # each run's own arguments
+    common: list[str]  # every run's arguments (after --)
+    out_dir: Path
+    jobs: int = 1  # runs at a time
+    minutes: float = 0.0  # > 0: every run trains this many minutes, its steps calibrated to fit
+    bits_per_byte: bool = False  # score each run's best.pt with tools.evaluate
+
+
+def parse(argv: list[str]) -> Sweep:
     own, common = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     for arg in own:
         key = arg.removeprefix("--").partition("=")[0]
@@ -50,13 +70,16 @@ def parse(argv: list[str]) -> tuple[list[list[str]], list[str], Path, int]:
     out_dir, jobs = Path(options["out_dir"]), options["jobs"]
     if jobs < 1:
         raise ConfigError(f"--jobs={jobs}: --jobs must be a positive integer, e.g. --jobs=2")
+    minutes, bits_per_byte = options["minutes"], options["bits_per_byte"]
+    if minutes < 0:
+        raise ConfigError(f"--minutes={minutes}: --minutes must be a positive number, e.g. --minutes=8")
     if not variants:
         raise ConfigError("nothing to sweep; give --vary=NAME=V1,V2 or --variant=\"--key=value ...\"")
     if any(a.startswith("--out_dir") for a in common):
         raise ConfigError("--out_dir after -- would make every run write to one folder; give sweep.py's --out_dir")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} is not empty; give another --out_dir")
-    return variants, common, out_dir, jobs
+    return Sweep(variants, common, out_dir, jobs, minutes, bits_per_byte)
 
 
 def curve(run_dir: Path) -> list[dict]:
@@ -66,49 +89,87 @@ def curve(run_dir: Path) -> list[dict]:
             for r in rows if r["kind"] == "eval"]
 
 
-def run_all(variants: list[list[str]], common: list[str], out_dir: Path, jobs: int) -> list[dict]:
-    """Start the runs `jobs` at a time, in order; wait for all; return each one's arguments and eval curve."""
+def run_logged(command: list[str], log: Path, what: str, jobs: int) -> str:
+    """Run a child process with its output in `log` (OMP_NUM_THREADS split between the jobs); its stdout, or a
+    UserError quoting its last line."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pending, running, results = list(enumerate(variants)), [], {}
-    while pending or running:
-        while pending and len(running) < jobs:
-            index, args = pending.pop(0)
-            run_dir = out_dir / str(index)
-            log = open(out_dir / f"{index}.log", "w")
-            command = [sys.executable, str(ROOT / "train.py"), *common, *args, f"--out_dir={run_dir}"]
-            running.append((index, args, run_dir, log, subprocess.Popen(command, stdout=log, stderr=log, env=env)))
-        time.sleep(1)
-        for item in [r for r in running if r[4].poll() is not None]:
-            index, args, run_dir, log, process = item
-            log.close()
-            running.remove(item)
-            if process.returncode != 0:
-                tail = (out_dir / f"{index}.log").read_text().strip().splitlines()[-1:]
-                raise UserError(f"run {index} ({' '.join(args)}) failed: {tail[0] if tail else process.returncode}")
-            results[index] = {"args": " ".join(args), "curve": curve(run_dir)}
-    return [results[i] for i in range(len(variants))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log.write_text(result.stdout)
+    if result.returncode != 0:
+        tail = result.stdout.strip().splitlines()[-1:]
+        raise UserError(f"{what} failed: {tail[0] if tail else result.returncode}")
+    return result.stdout
 
 
-def table(results: list[dict]) -> str:
-    """A Markdown table: one row per run, val loss at every eval step, then the minutes the run trained."""
+def seconds_per_step(run_dir: Path) -> float:
+    """A calibration run's time per step, from its metrics.jsonl, leaving out the first 10 steps (warm-up)."""
+    rows = {r["step"]: r["elapsed_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"}
+    return (rows[CALIBRATION_STEPS] - rows[10]) / (CALIBRATION_STEPS - 10)
+
+
+def run_one(sweep: Sweep, index: int, args: list[str]) -> dict:
+    """One setting: (with --minutes) its calibration, its run, (with --bits_per_byte) its score; its row's data."""
+    train = [sys.executable, str(ROOT / "train.py"), *sweep.common, *args]
+    run_dir, name = sweep.out_dir / str(index), f"run {index} ({' '.join(args)})"
+    if sweep.minutes:
+        calibration = sweep.out_dir / f"{index}-calibration"
+        run_logged([*train, f"--max_iters={CALIBRATION_STEPS}", "--log_interval=5", "--eval_iters=1",
+                    f"--eval_interval={CALIBRATION_STEPS}", f"--out_dir={calibration}"],
+                   sweep.out_dir / f"{index}-calibration.log", f"the calibration of {name}", sweep.jobs)
+        steps = max(1, int(sweep.minutes * 60 / seconds_per_step(calibration)))
+        train += [f"--max_iters={steps}", f"--max_minutes={sweep.minutes}"]
+    run_logged([*train, f"--out_dir={run_dir}"], sweep.out_dir / f"{index}.log", name, sweep.jobs)
+    result = {"args": " ".join(args), "curve": curve(run_dir)}
+    if sweep.bits_per_byte:
+        report = run_logged([sys.executable, "-m", "tools.evaluate", f"--ckpt={run_dir / 'best.pt'}", "--split=val"],
+                            sweep.out_dir / f"{index}-evaluate.log", f"evaluating {name}", sweep.jobs)
+        result["bits_per_byte"] = float(re.findall(r"bits per byte (\d+\.\d+)", report)[-1])
+    return result
+
+
+def run_all(sweep: Sweep) -> list[dict]:
+    """Run the settings `jobs` at a time, in order; return each one's arguments, eval curve and score."""
+    sweep.out_dir.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=sweep.jobs) as pool:
+        futures = [pool.submit(run_one, sweep, index, args) for index, args in enumerate(sweep.variants)]
+        return [future.result() for future in futures]
+
+
+def table(results: list[dict], timed: bool = False) -> str:
+    """A Markdown table: one row per run, val loss at every eval step, then the minutes the run trained. Timed runs
+    (--minutes) each end at their own step: their last step and val loss get columns of their own. Then bits per
+    byte, where scored."""
     steps = [point["step"] for point in results[0]["curve"]]
-    lines = ["| run | " + " | ".join(f"step {s}" for s in steps) + " | minutes |",
-             "| --- |" + " --- |" * (len(steps) + 1)]
+    if timed:
+        steps = sorted({point["step"] for r in results for point in r["curve"][:-1]})
+    scored = any("bits_per_byte" in r for r in results)
+    header = ["run", *(f"step {s}" for s in steps), "minutes"] + ["steps", "val loss"] * timed + \
+        ["bits per byte"] * scored
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in results:
         losses = {p["step"]: p["val_loss"] for p in r["curve"]}
-        cells = [f"{losses[s]:.4f}" if s in losses else "-" for s in steps]
-        lines.append(f"| `{r['args']}` | " + " | ".join(cells) + f" | {r['curve'][-1]['minutes']:.2f} |")
+        last = r["curve"][-1]
+        cells = [f"`{r['args']}`", *(f"{losses[s]:.4f}" if s in losses else "-" for s in steps),
+                 f"{last['minutes']:.2f}"]
+        if timed:
+            cells += [str(last["step"]), f"{last['val_loss']:.4f}"]
+        if scored:
+            cells.append(f"{r['bits_per_byte']:.4f}" if "bits_per_byte" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    variants, common, out_dir, jobs = parse(sys.argv[1:] if argv is None else argv)
-    results = run_all(variants, common, out_dir, jobs)
-    (out_dir / "sweep.json").write_text(json.dumps({"common": common, "runs": results}, indent=2) + "\n")
-    print(f"python -m tools.sweep {' '.join(sys.argv[1:] if argv is None else argv)}")
-    print(table(results))
+    argv = sys.argv[1:] if argv is None else argv
+    sweep = parse(argv)
+    results = run_all(sweep)
+    (sweep.out_dir / "sweep.json").write_text(json.dumps({"common": sweep.common, "minutes": sweep.minutes,
+                                                          "runs": results}, indent=2) + "\n")
+    print(f"python -m tools.sweep {' '.join(argv)}")
+    print(table(results, timed=bool(sweep.minutes)))
 
 
 if __name__ == "__main__":
