@@ -160,9 +160,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama_runs, args, messa
     assert sorted(p.name for p in llama_runs.iterdir()) == before
 
 
-def test_tour_rope_shows_that_scores_depend_on_the_distance_alone(tmp_path, capsys):
+def test_tour_rope_shows_that_scores_depend_on_the_distance_alone(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     png = tmp_path / "runs" / "tour" / "rope.png"
-    tour.show_rope(str(png))
+    tour.show_rope()
     out = capsys.readouterr().out
     scores = [line.rsplit("score ", 1)[1] for line in out.splitlines() if "(distance 3)" in line]
     assert len(scores) == 3 and len(set(scores)) == 1  # positions 3/0, 10/7 and 900/897: one score

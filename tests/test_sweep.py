@@ -34,7 +34,8 @@ def test_minutes_and_bits_per_byte_compare_settings_at_equal_training_time(tmp_p
     (["--vary=lr=1", "--jobs=0"], ConfigError, "--jobs must be a positive integer"),
     (["--vary=lr=1", "--", "--out_dir=x"], ConfigError, "would make every run write to one folder"),
     (["--vary=lr=1", "--seed=1"], ConfigError, "unknown option --seed=1"),
-    (["--vary=lr=1", "--minutes=soon"], ConfigError, "--minutes must be a positive number"),
+    (["--vary=lr=1", "--minutes=soon"], ConfigError, "--minutes=soon is not a number"),
+    (["--vary=lr=1", "--minutes=-1"], ConfigError, "--minutes must be a positive number"),
 ])
 def test_bad_arguments_are_refused_with_the_fix(argv, error, message):
     with pytest.raises(error, match=message):
