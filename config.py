@@ -259,7 +259,7 @@ def _preset(model: dict, train: dict, data: dict | None = None) -> Config:
 
 
 # Each preset is a complete config. `tiny` is sized for 2 CPU cores: `make train` trains it for about 8 minutes, with
-# the recipe that reached the lowest val loss in that time here (Muon, a wsd schedule; README "Optimizer and schedule");
+# the recipe that reached the lowest val loss in that time here (Muon, a wsd schedule; docs/optimizer.md);
 # `small` holds the numbers users of nanoGPT-style repos know (~30M parameters); the gpt2* presets are
 # OpenAI's GPT-2 sizes, for GPUs.
 PRESETS: dict[str, Callable[[], Config]] = {

@@ -142,7 +142,7 @@ def read_tokens(tokens: np.ndarray, start: int, count: int) -> np.ndarray:
     """tokens[start:start + count]; from a token file opened by open_split, with a plain file read.
 
     Every page a memory map touches stays in this process's resident memory, and the kernel maps the pages around
-    each one with it, so resident memory would grow with the data set (README, "Performance", has the figures).
+    each one with it, so resident memory would grow with the data set (docs/performance.md has the figures).
     Read this way, memory stays flat whatever the size of the data set.
     """
     if isinstance(tokens, np.memmap) and isinstance(tokens.base, mmap.mmap):  # the whole file, not a view of it

@@ -227,7 +227,7 @@ def choose_device_and_dtype(device: str, dtype: str, dtype_given: bool,
         return chosen_device, *pick_dtype(dtype, chosen_device)
     if chosen_device.type == "cpu":
         # Decoding on a CPU is bound by reading the weights, not by arithmetic: bf16 gained too little over float32
-        # (README, "Performance") to be worth inexact logits.
+        # (docs/performance.md) to be worth inexact logits.
         return chosen_device, torch.float32, "float32 on a CPU: exact logits, and within 20% of bf16's decode speed"
     chosen_dtype, reason = pick_dtype(trained_dtype, chosen_device)
     return chosen_device, chosen_dtype, f"{reason} (the checkpoint's training dtype is {trained_dtype})"

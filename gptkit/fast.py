@@ -3,8 +3,8 @@
     python train.py --preset=tiny                       # on a CPU the fast paths are on; the start-up print says so
     python train.py --preset=tiny --fast_kernels=False  # model.py's plain path instead
 
-What each path replaces, when it applies, and where its measurement lives (`make bench`, and the README's
-"Performance" section, which quotes it):
+What each path replaces, when it applies, and where its measurement lives (`make bench`, and docs/performance.md,
+which quotes it):
 - Matmul attention: F.scaled_dot_product_attention(is_causal=True) in training, as two batched matmuls and a
   softmax, in bf16 up to a context of 512, where the fused kernel is slower on a CPU (bench.py's attention line).
 - One tied-weight gradient: the LM head and the token embedding share one weight; instead of two full (V, C)

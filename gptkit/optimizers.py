@@ -5,7 +5,7 @@
 Muon (Jordan et al. 2024, torch.optim.Muon) replaces a matrix's momentum-averaged gradient by the nearest
 orthogonal matrix (a few Newton-Schulz iterations), so every direction of the update moves by the same amount
 instead of the few largest ones dominating. It is made for the 2-D hidden matrices (each block's c_attn, c_proj,
-c_fc); embeddings, the tied LM head, LayerNorm gains and biases stay with AdamW. README "Optimizer and schedule"
+c_fc); embeddings, the tied LM head, LayerNorm gains and biases stay with AdamW. docs/optimizer.md
 has what it measured here.
 """
 

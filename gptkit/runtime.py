@@ -135,8 +135,8 @@ def keep_freed_memory() -> None:
 
     glibc's malloc gives back freed memory above a threshold that moves with use, so every step of a large-vocabulary
     model got fresh pages from the kernel for its big tensors and page-faulted on each of them again. Fixing the
-    thresholds (allocations of up to 32 MB from the heap, which is never trimmed) keeps them; the README's
-    "Performance" section has the measured step times. Disabling mmap altogether was faster still, but its peak RSS
+    thresholds (allocations of up to 32 MB from the heap, which is never trimmed) keeps them; docs/performance.md
+    has the measured step times. Disabling mmap altogether was faster still, but its peak RSS
     grew step after step (fragmentation). Linux with glibc only; elsewhere this does nothing.
     """
     if not sys.platform.startswith("linux"):

@@ -69,7 +69,7 @@ SCHEDULE = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=5, weight_decay=0.
 # data and time how long we take to reach its final val loss, once with its recipe and once with ours (TTL_OURS).
 TTL_STEPS = {"tiny": 400, "small": 200}
 TTL_SCHEDULE = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
-# Our recipe per shape (README "Optimizer and schedule" has the sweeps behind it): Muon for the blocks' matrices, a
+# Our recipe per shape (docs/optimizer.md has the sweeps behind it): Muon for the blocks' matrices, a
 # higher AdamW rate for the embeddings, a short warmup, and a wsd schedule whose cooldown ends about where nanoGPT's
 # loss is reached; at TINY also a smaller batch, which reaches a loss sooner in seconds than batch 12 does, and
 # AdamW's beta1 at 0.8 (a shorter memory of the embeddings' gradients, modded-nanogpt's choice).
