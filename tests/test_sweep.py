@@ -97,12 +97,34 @@ def test_timed_sweep_gives_each_setting_the_steps_its_calibration_says_fit_and_s
         (out_dir / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
         return ""
     monkeypatch.setattr(sweep_tool, "run_logged", fake_run)
-    result = sweep_tool.run_one(sweep, 0, ["--arch=llama"])
-    calibration, run, evaluate = commands
-    assert calibration[-5:] == ["--max_iters=30", "--log_interval=5", "--eval_iters=1", "--eval_interval=30",
-                                f"--out_dir={tmp_path / '0-calibration'}"]
-    assert run[-3:] == ["--max_iters=1200", "--max_minutes=2.0", f"--out_dir={tmp_path / '0'}"]  # 120 s / 0.1 s
+    [result] = sweep_tool.run_all(sweep)
+    *calibrations, run, evaluate = commands
+    assert [c[-5:] for c in calibrations] == [["--max_iters=30", "--log_interval=5", "--eval_iters=1",
+                                               "--eval_interval=30", f"--out_dir={tmp_path / f'0-calibration-{n}'}"]
+                                              for n in range(sweep_tool.CALIBRATION_ROUNDS)]
+    assert run[-3:] == ["--max_iters=1200", "--max_minutes=6.0", f"--out_dir={tmp_path / '0'}"]  # 120 s / 0.1 s
     assert run[2:5] == ["--preset=tiny", "--arch=llama", "--max_iters=1200"]  # common, own, then the timed steps
     assert evaluate[1:] == ["-m", "tools.evaluate", f"--ckpt={tmp_path / '0' / 'best.pt'}", "--split=val"]
     assert result["bits_per_byte"] == 1.2345
     assert table([result], timed=True).splitlines()[0] == "| run | minutes | steps | val loss | bits per byte |"
+
+
+def test_each_setting_is_given_steps_by_its_fastest_calibration_in_alternating_rounds(tmp_path, monkeypatch):
+    """A setting timed while the machine was busy must not get fewer steps: the rounds alternate the order, and the
+    fastest round of each setting counts."""
+    sweep = parse(["--minutes=1", "--variant=--a", "--variant=--b", f"--out_dir={tmp_path}"])
+    busy = {("--a", 0): 0.5, ("--a", 1): 0.1, ("--b", 0): 0.2, ("--b", 1): 0.4}  # seconds per step in each round
+    order = []
+
+    def fake_run(command, log, what, jobs):
+        out_dir = Path(next(a for a in command if a.startswith("--out_dir=")).split("=", 1)[1])
+        index, round_number = out_dir.name.split("-calibration-")
+        order.append(int(index))
+        per_step = busy[(command[2], int(round_number))]
+        rows = [{"kind": "train", "step": s, "elapsed_s": per_step * s} for s in (10, 30)]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+        return ""
+    monkeypatch.setattr(sweep_tool, "run_logged", fake_run)
+    assert sweep_tool.calibrate(sweep) == pytest.approx([0.1, 0.2])
+    assert order == [0, 1, 1, 0]

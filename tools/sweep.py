@@ -19,6 +19,7 @@ validation split with tools.evaluate (run as a child process), a figure that com
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -41,6 +42,8 @@ OPTIONS = {
 }
 USAGE = 'python -m tools.sweep --vary=NAME=V1,V2 | --variant="--key=value ..." [...] -- [train.py\'s --key=value ...]'
 CALIBRATION_STEPS = 30  # --minutes: steps of each setting timed before its run; the first 10 (warm-up) are not counted
+CALIBRATION_ROUNDS = 2  # timings of each setting, in alternating order; the fastest counts
+MINUTES_CAP = 3  # a timed run stops at this many times --minutes even if its steps are not done
 
 
 @dataclass
@@ -110,19 +113,37 @@ def seconds_per_step(run_dir: Path) -> float:
     return (rows[CALIBRATION_STEPS] - rows[10]) / (CALIBRATION_STEPS - 10)
 
 
-def run_one(sweep: Sweep, index: int, args: list[str]) -> dict:
-    """One setting: (with --minutes) its calibration, its run, (with --bits_per_byte) its score; its row's data."""
+def calibrate(sweep: Sweep) -> list[float]:
+    """--minutes: each setting's seconds per step, timed in CALIBRATION_ROUNDS rounds that alternate the settings'
+    order, and the fastest of its rounds kept: a setting timed while something else loaded the machine would
+    otherwise be given fewer steps than its rivals. Every setting then trains the steps that fit in the minutes."""
+    fastest = [math.inf] * len(sweep.variants)
+    for round_number in range(CALIBRATION_ROUNDS):
+        order = list(enumerate(sweep.variants))
+        for index, args in order if round_number % 2 == 0 else order[::-1]:
+            calibration = sweep.out_dir / f"{index}-calibration-{round_number}"
+            command = [sys.executable, str(ROOT / "train.py"), *sweep.common, *args, f"--max_iters={CALIBRATION_STEPS}",
+                       "--log_interval=5", "--eval_iters=1", f"--eval_interval={CALIBRATION_STEPS}",
+                       f"--out_dir={calibration}"]
+            run_logged(command, sweep.out_dir / f"{calibration.name}.log",
+                       f"the calibration of run {index} ({' '.join(args)})", 1)
+            fastest[index] = min(fastest[index], seconds_per_step(calibration))
+    return fastest
+
+
+def run_one(sweep: Sweep, index: int, args: list[str], step_seconds: float | None = None) -> dict:
+    """One setting: its run (with --minutes, the steps that fit at `step_seconds` each), then (with
+    --bits_per_byte) its score; its row's data."""
     train = [sys.executable, str(ROOT / "train.py"), *sweep.common, *args]
     run_dir, name = sweep.out_dir / str(index), f"run {index} ({' '.join(args)})"
     if sweep.minutes:
-        calibration = sweep.out_dir / f"{index}-calibration"
-        run_logged([*train, f"--max_iters={CALIBRATION_STEPS}", "--log_interval=5", "--eval_iters=1",
-                    f"--eval_interval={CALIBRATION_STEPS}", f"--out_dir={calibration}"],
-                   sweep.out_dir / f"{index}-calibration.log", f"the calibration of {name}", sweep.jobs)
-        steps = max(1, int(sweep.minutes * 60 / seconds_per_step(calibration)))
-        train += [f"--max_iters={steps}", f"--max_minutes={sweep.minutes}"]
+        steps = max(1, int(sweep.minutes * 60 / step_seconds))
+        # the cap only stops a run that something else slowed far down; the steps are what make the runs equal
+        train += [f"--max_iters={steps}", f"--max_minutes={sweep.minutes * MINUTES_CAP}"]
     run_logged([*train, f"--out_dir={run_dir}"], sweep.out_dir / f"{index}.log", name, sweep.jobs)
     result = {"args": " ".join(args), "curve": curve(run_dir)}
+    if sweep.minutes:
+        result["seconds_per_step"] = step_seconds
     if sweep.bits_per_byte:
         report = run_logged([sys.executable, "-m", "tools.evaluate", f"--ckpt={run_dir / 'best.pt'}", "--split=val"],
                             sweep.out_dir / f"{index}-evaluate.log", f"evaluating {name}", sweep.jobs)
@@ -133,8 +154,10 @@ def run_one(sweep: Sweep, index: int, args: list[str]) -> dict:
 def run_all(sweep: Sweep) -> list[dict]:
     """Run the settings `jobs` at a time, in order; return each one's arguments, eval curve and score."""
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
+    step_seconds = calibrate(sweep) if sweep.minutes else [None] * len(sweep.variants)
     with ThreadPoolExecutor(max_workers=sweep.jobs) as pool:
-        futures = [pool.submit(run_one, sweep, index, args) for index, args in enumerate(sweep.variants)]
+        futures = [pool.submit(run_one, sweep, index, args, step_seconds[index])
+                   for index, args in enumerate(sweep.variants)]
         return [future.result() for future in futures]
 
 
