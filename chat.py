@@ -146,17 +146,18 @@ def fit_to_context(chat_model: ChatModel, conversation: Conversation, room: int)
     (a question and its answer) are dropped from the conversation until it fits. Returns the ids and how many
     messages were dropped; a last message that alone does not fit is a UserError."""
     limit = chat_model.block_size - room
+    alone = chat_model.prompt_ids(Conversation(conversation.system, conversation.turns[-1:]).messages())
+    if len(alone) > limit:  # refused before any old turn is dropped for it
+        conversation.turns.pop()
+        raise UserError(f"that message makes a prompt of {len(alone)} tokens (with the system message and the "
+                        f"template), more than the {limit} this model's context of {chat_model.block_size} leaves "
+                        "for it; say it in fewer words")
     dropped = 0
     ids = chat_model.prompt_ids(conversation.messages())
-    while len(ids) > limit and len(conversation.turns) > 1:
+    while len(ids) > limit:
         del conversation.turns[:2]  # the oldest question and its answer
         dropped += 2
         ids = chat_model.prompt_ids(conversation.messages())
-    if len(ids) > limit:
-        conversation.turns.pop()
-        raise UserError(f"that message makes a prompt of {len(ids)} tokens (with the system message and the "
-                        f"template), more than the {limit} this model's context of {chat_model.block_size} leaves "
-                        "for it; say it in fewer words")
     return ids, dropped
 
 

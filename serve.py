@@ -188,19 +188,24 @@ class TextPieces:
 
     def add(self, token: int) -> str:
         self.ids.append(token)
+        return self._update(final=False)
+
+    def finish(self) -> str:
+        """What is left to send once the reply has ended, a character cut off at its end included."""
+        return self._send(len(self.text)) if self.stopped else self._update(final=True)
+
+    def _update(self, final: bool) -> str:
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+        if text.endswith("\ufffd") and not final:  # a character split across tokens: wait for the rest
             return ""
         found = [text.find(s) for s in self.stop if s in text]
         if found:
             self.stopped, self.text = True, text[:min(found)]
-            return self.finish()
+            return self._send(len(self.text))
         self.text = text
-        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        held = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                                   default=0)
         return self._send(len(text) - held)
-
-    def finish(self) -> str:
-        return self._send(len(self.text))
 
     def _send(self, upto: int) -> str:
         piece = self.text[self.sent:upto] if upto > self.sent else ""
@@ -436,6 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     if options["max_tokens"] < 1:
         raise UserError(f"max_tokens={options['max_tokens']} must be 1 or more")
     check_port_free(options["host"], options["port"])
+    if options["host"] not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {options['host']}: whoever reaches this machine can use the model (no login)",
+              file=sys.stderr)
     chat_model = chat.load_chat_model(options["ckpt"], options["run"], train.device, train.dtype,
                                       "dtype" in parsed.overridden, train.fast_kernels,
                                       say=lambda line: print(line, file=sys.stderr))
