@@ -139,13 +139,19 @@ def chatterbot_entries() -> list[Entry]:
     return entries
 
 
+def prompt_of(entry: Entry) -> tuple:
+    """What the model is asked: entries with the same one are kept in one split."""
+    return entry.instruction, entry.input
+
+
 def split_entries(entries: list[Entry], fractions: dict[str, float], seed: int) -> dict[str, list[Entry]]:
     """train and the held-out splits named in `fractions` ({"val": 0.1, "test": 0.05}), by seeded shares, for a
-    source without its own. Entries that share an instruction stay together, so no held-out instruction is one the
-    model was trained on (chatterbot asks "What is AI?" five times)."""
-    groups: dict[str, list[Entry]] = {}
+    source without its own. Entries with the same prompt (instruction and input) stay together, so no held-out
+    prompt is one the model was trained on (chatterbot asks "What is AI?" five times); entries that share only the
+    instruction ("Translate into French" with a different sentence each) may be split apart."""
+    groups: dict[tuple, list[Entry]] = {}
     for entry in entries:
-        groups.setdefault(entry.instruction, []).append(entry)
+        groups.setdefault(prompt_of(entry), []).append(entry)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
     parts, start = {}, 0
@@ -154,7 +160,7 @@ def split_entries(entries: list[Entry], fractions: dict[str, float], seed: int) 
         parts[split], start = keys[start:start + count], start + count
     parts["train"] = keys[start:]
     if not parts["train"]:
-        raise UserError(f"{len(entries)} entries ({len(keys)} distinct instructions) are too few to hold out "
+        raise UserError(f"{len(entries)} entries ({len(keys)} distinct prompts) are too few to hold out "
                         + " and ".join(f"{split} ({fraction:g})" for split, fraction in fractions.items())
                         + " and keep some to train on; give more entries")
     return {split: [entry for key in keys_of_split for entry in groups[key]] for split, keys_of_split in parts.items()}

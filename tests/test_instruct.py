@@ -118,8 +118,21 @@ def test_records_messages_and_the_seeded_split_that_keeps_an_instruction_in_one_
     assert instruct.split_entries(entries, {"val": 0.1, "test": 0.1}, seed=3) == splits
     with pytest.raises(UserError, match="entry 1 has no 'output'"):
         instruct.entries_from_records([{"instruction": "a", "output": "b"}, {"instruction": "c"}], "x.json", columns)
+    with pytest.raises(UserError, match=r"3 entries \(1 distinct prompts\) are too few"):
+        instruct.split_entries([Entry("q", "", f"a{i}") for i in range(3)], {"val": 0.1, "test": 0.1}, seed=0)
     with pytest.raises(UserError, match="is not a list of objects"):
         instruct.entries_from_records({"instruction": "a"}, "x.json", columns)
+
+
+def test_a_data_set_of_one_instruction_splits_by_input_and_keeps_identical_prompts_together():
+    # 600 x "Translate into French" with 200 sentences, each three times: refused before ("1 distinct instructions")
+    entries = [Entry("Translate into French", f"sentence {i % 200}", f"phrase {i % 200}") for i in range(600)]
+    splits = instruct.split_entries(entries, {"val": 0.1, "test": 0.05}, seed=0)
+    inputs = {split: {e.input for e in splits[split]} for split in splits}
+    assert (len(inputs["val"]), len(inputs["test"]), len(inputs["train"])) == (20, 10, 170)
+    assert not inputs["train"] & inputs["val"] and not inputs["train"] & inputs["test"]
+    assert not inputs["val"] & inputs["test"]
+    assert all(len(splits[split]) == 3 * len(inputs[split]) for split in splits)  # each prompt's three copies
 
 
 # ------------------------------------------------------------------------------------------------ learning
