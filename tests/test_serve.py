@@ -1,6 +1,7 @@
 """serve.py, the OpenAI-compatible server: driven by the real `openai` client (plain and streamed chat, completions,
-errors, 16 concurrent requests, a client that leaves) and its greedy answers against generate.py's. Each server runs
-on a free loopback port, started and stopped here."""
+errors, 16 concurrent requests, a client that leaves), its greedy answers against generate.py's, a tiny model that
+learns a two-question task through instruct.py and answers it over the API, and the chat page in Debian's headless
+Chromium. Each server runs on a free loopback port, started and stopped here."""
 
 import concurrent.futures
 import json
@@ -28,6 +29,7 @@ from model import GPT
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TIKTOKEN_CACHE_DIR": str(REPO / "data" / "tiktoken")}
 END = 50256  # GPT-2's <|endoftext|>
+SCREENSHOT = REPO / "docs" / "chat-page.png"
 
 
 def save_chat_model(run_dir: Path, style: str = "chat", block_size: int = 64) -> Path:
@@ -291,3 +293,108 @@ def test_serve_refuses_a_pretrained_model_a_taken_port_and_bad_options_in_one_li
                           (["--n_layer=3"], "--n_layer has no effect here")]:
         with pytest.raises(UserError, match=re.escape(message)):
             serve.main(["--device=cpu", *args])
+
+
+# ------------------------------------------------------------------------------------------------ a model that learned
+
+
+COLORS = {"snow": "white", "grass": "green", "sky": "blue", "coal": "black", "blood": "red"}
+
+
+def color_talk(first: str, second: str) -> list[dict]:
+    return [{"role": "user", "content": f"What color is {first}?"},
+            {"role": "assistant", "content": f"{first.capitalize()} is {COLORS[first]}."},
+            {"role": "user", "content": f"What color is {second}?"},
+            {"role": "assistant", "content": f"{second.capitalize()} is {COLORS[second]}."}]
+
+
+@pytest.fixture(scope="module")
+def colors(tmp_path_factory):
+    """A tiny model pretrained on nothing, tuned by instruct.py on two-question conversations (~30 s), served."""
+    root = tmp_path_factory.mktemp("colors")
+    save_pretrained_model(root / "checkpoints" / "base", n_layer=2, n_embd=32)
+    talks = [{"messages": color_talk(a, b)} for a in COLORS for b in COLORS if a != b]
+    (root / "colors.jsonl").write_text("".join(json.dumps(t) + "\n" for t in talks * 8))
+    tuned = subprocess.run([sys.executable, str(REPO / "instruct.py"), "--device=cpu", "--dataset=colors.jsonl",
+                            "--max_iters=120", "--batch_size=16", "--learning_rate=1e-2", "--min_lr=1e-3",
+                            "--warmup_iters=10", "--eval_interval=1000", "--max_new_tokens=8",
+                            "--out_dir=checkpoints/colors"], cwd=root, env=ENV, capture_output=True, text=True,
+                           timeout=600)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    server = Server(root)  # the latest instruct.py run, as `make serve` finds it
+    yield server, tuned.stdout
+    server.stop()
+
+
+def test_a_tiny_model_learns_to_answer_the_second_of_two_questions_and_answers_it_through_the_api(colors):
+    server, log = colors
+    assert "data: colors.jsonl: train" in log and "prompt style chat, loss on the response only" in log
+    assert server.model == "colors"
+    saved = checkpoint.load_checkpoint(Path(server.log.parent) / "checkpoints" / "colors" / "best.pt")["instruct"]
+    assert saved["chat_template"] == prompts.chat_template("chat", END).to_dict()
+    client = server.client()
+    right = []
+    for first in COLORS:
+        for second in COLORS:
+            if first != second:
+                asked = color_talk(first, second)[:3]
+                answer = client.chat.completions.create(model="colors", messages=asked, temperature=0, max_tokens=8)
+                right.append(answer.choices[0].message.content == f"{second.capitalize()} is {COLORS[second]}.")
+                assert answer.choices[0].finish_reason == "stop"  # it learned to end its turn
+    # Of 20 pairs, 20 right when this was written; a model answering the first question would get none. The
+    # misses of a shorter run were pairs opening with a question held out to val/test (never seen first).
+    assert sum(right) >= 16, right
+
+
+# ------------------------------------------------------------------------------------------------ the chat page
+
+
+def chromium_or_skip() -> None:
+    """Debian's chromium and chromium-driver; in CI their absence is a failure (.ci/run installs them)."""
+    missing = [path for path in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not Path(path).exists()]
+    if missing:
+        reason = f"{' and '.join(missing)} missing: apt-get install -y chromium chromium-driver"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"{reason} (.ci/run installs them before make test)")
+        pytest.skip(reason)
+
+
+def test_the_chat_page_streams_answers_in_headless_chromium(colors, tmp_path, monkeypatch):
+    chromium_or_skip()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for a browser or driver to download
+    server, _ = colors
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+                 "--window-size=820,560", "--hide-scrollbars"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "colors")
+        temperature = driver.find_element(By.ID, "temperature")
+        temperature.clear()
+        temperature.send_keys("0")
+        for number, (thing, said) in enumerate([("sky", "Sky is blue."), ("snow", "Snow is white.")], start=1):
+            driver.find_element(By.ID, "message").send_keys(f"What color is {thing}?", Keys.ENTER)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant[data-done=true]")) == number)
+            answer = driver.find_elements(By.CSS_SELECTOR, ".assistant")[-1]
+            assert answer.text.startswith(said), answer.text
+            assert int(answer.get_attribute("data-pieces")) >= 3  # it arrived as a stream of pieces, not at once
+        assert "error" not in driver.find_element(By.ID, "log").get_attribute("innerHTML")
+        driver.execute_script("document.activeElement.blur()")  # no blinking caret: the same picture every run
+        png = driver.get_screenshot_as_png()
+    finally:
+        driver.quit()
+    assert png.startswith(b"\x89PNG") and len(png) < 200_000
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    if not SCREENSHOT.exists() or SCREENSHOT.read_bytes() != png:
+        SCREENSHOT.write_bytes(png)
