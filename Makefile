@@ -27,17 +27,20 @@ INIT ?=
 SPLIT ?=
 STRIDE ?=
 OUT ?=
+PORT ?=
+HOST ?=
 
 preset_arg = $(if $(PRESET),--preset=$(PRESET))
 dataset_arg = $(if $(DATASET),--dataset=$(DATASET))
 
 .PHONY: help setup-all setup install install-force test quick-test lint train train-ddp resume data generate info check-deps \
-        init plot bench gpu-check classify instruct finetune-gpt2 eval export average sweep clean clean-checkpoints clean-all
+        init plot bench gpu-check classify instruct chat serve finetune-gpt2 eval export average sweep clean clean-checkpoints \
+        clean-all
 
 help: ## List the targets (PRESET=tiny|small|gpt2|..., ARGS="--key=value ...")
 	@echo "Targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
-	@echo "Variables: PRESET, ARGS, DATASET, PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, NUM_SAMPLES, SEED, CKPT, RUN"
+	@echo "Variables: PRESET, ARGS, DATASET, PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, NUM_SAMPLES, SEED, CKPT, RUN, PORT, HOST"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
@@ -89,6 +92,12 @@ classify: $(VENV)/.installed ## Fine-tune the latest run into a classifier (offl
 
 instruct: $(VENV)/.installed ## Instruction-tune the latest run (offline: chatterbot-corpus dialogues; ARGS="--dataset=F.json ...")
 	$(PY) instruct.py $(if $(INIT),--init_from=$(INIT)) $(dataset_arg) $(ARGS)
+
+chat: $(VENV)/.installed ## Chat in the terminal with the latest instruct run (CKPT=PATH, RUN=NAME, ARGS="--system=...")
+	$(PY) chat.py $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(ARGS)
+
+serve: $(VENV)/.installed ## OpenAI-compatible API + chat page at http://127.0.0.1:8000 (CKPT=, RUN=, PORT=, HOST=)
+	$(PY) serve.py $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(if $(PORT),--port=$(PORT)) $(if $(HOST),--host=$(HOST)) $(ARGS)
 
 finetune-gpt2: $(VENV)/.installed ## Fine-tune OpenAI's GPT-2 (INIT=gpt2|PATH) on DATASET (WikiText-2 by default)
 	$(PY) train.py --preset=gpt2-finetune --init_from=$(or $(INIT),gpt2) $(dataset_arg) $(ARGS)

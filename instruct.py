@@ -4,6 +4,7 @@ answers to the test entries and, optionally, have a larger local model score the
     python instruct.py                                   # offline default: chatterbot-corpus dialogues, latest run
     python instruct.py --init_from=checkpoints/<run>/best.pt --dataset=PATH.json
     python instruct.py --init_from=gpt2-medium --dataset=hf:tatsu-lab/alpaca
+    python instruct.py --dataset=chats.jsonl             # {"messages": [...]} per line: whole conversations
     python generate.py --ckpt=checkpoints/<instruct-run>/best.pt --instruction="Rewrite in passive voice" \\
         --input="The cat ate the fish."
 
@@ -30,15 +31,15 @@ import finetune
 import generate
 import lora
 from config import Config, ConfigError, UserError, error_summary
-from gptkit import fast, runinfo, sources
+from gptkit import fast, prompts, runinfo, sources
 from gptkit.cli import parse_args, parse_bool, run_cli
-from gptkit.prompts import PROMPT_STYLES, format_prompt
+from gptkit.prompts import format_prompt
 from gptkit.runtime import Runtime, StopRequest, setup_runtime
 from model import GPT
 from train import TrainState, make_optimizer, perplexity
 
 OPTIONS = {
-    "prompt_style": "alpaca",  # alpaca (the book's) or chat
+    "prompt_style": "auto",  # alpaca (the book's) or chat; auto: chat for messages conversations, else alpaca
     "mask_prompt": False,  # True: the loss counts only the response's tokens; False measured better offline (README)
     "epochs": 0,  # 0: --max_iters when given, else DEFAULT_EPOCHS
     "instruction_column": "instruction",  # the field holding each entry's task
@@ -59,11 +60,12 @@ DEFAULTS = {"batch_size": 8, "learning_rate": 2e-3, "min_lr": 2e-4, "weight_deca
             "eval_interval": 100, "log_interval": 20, "val_fraction": 0.1,
             "optimizer": "adamw", "lr_schedule": "cosine"}  # the book's AdamW and cosine, whatever the preset says
 SPLITS = ("train", "val", "test")
+PROMPT_STYLES = ("auto", *prompts.PROMPT_STYLES)
 IGNORE = -1  # a target the loss skips (model.py's F.cross_entropy(ignore_index=-1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: entries of instruction, input and output, split three ways
+# Data: entries of instruction, input and output, or whole conversations, split three ways
 
 
 @dataclass
@@ -73,16 +75,46 @@ class Entry:
     output: str
 
 
-def entries_from_records(records: object, where: str, columns: dict[str, str]) -> list[Entry]:
+@dataclass
+class Conversation:
+    """A whole chat, trained as one sequence: the loss counts every assistant reply (and the end token after it)
+    and nothing else. Its last question and reply stand in for an entry's instruction and output where a test
+    response is written and judged."""
+
+    messages: list[dict]  # {"role": "system" | "user" | "assistant", "content": ...}, ending with a reply
+
+    @property
+    def instruction(self) -> str:
+        return next((m["content"] for m in reversed(self.asked()) if m["role"] == "user"), "")
+
+    @property
+    def input(self) -> str:
+        return ""
+
+    @property
+    def output(self) -> str:
+        return self.messages[-1]["content"]
+
+    def asked(self) -> list[dict]:
+        """The conversation up to its last reply: what a test response answers."""
+        return self.messages[:-1]
+
+    def opening(self) -> tuple:
+        """The messages before the first reply: conversations that open alike are kept in one split."""
+        first_reply = next(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return tuple((m["role"], m["content"]) for m in self.messages[:first_reply])
+
+
+def entries_from_records(records: object, where: str, columns: dict[str, str]) -> list[Entry | Conversation]:
     """JSON records -> entries. Each record is {instruction, input (optional), output} (names from --*_column), or
-    {"messages": [{"role", "content"}, ...]}, whose user -> assistant pairs become one entry each."""
+    {"messages": [{"role", "content"}, ...]}, a conversation trained whole."""
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise UserError(f"{where} is not a list of objects; give a JSON list like [{{\"instruction\": ..., "
                         "\"output\": ...}, ...] or JSON Lines with one such object per line")
     entries = []
     for index, record in enumerate(records):
         if "messages" in record:
-            entries += entries_from_messages(record["messages"], f"{where}, entry {index}")
+            entries.append(conversation_from_messages(record["messages"], f"{where}, entry {index}"))
             continue
         missing = [columns[key] for key in ("instruction", "output") if not str(record.get(columns[key]) or "")]
         if missing:
@@ -94,13 +126,14 @@ def entries_from_records(records: object, where: str, columns: dict[str, str]) -
     return entries
 
 
-def entries_from_messages(messages: object, where: str) -> list[Entry]:
-    """A chat's user -> assistant pairs as entries; system messages and unanswered turns are left out."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
-        raise UserError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects")
-    turns = [m for m in messages if m.get("role") in ("user", "assistant")]
-    return [Entry(str(ask["content"]), "", str(answer["content"])) for ask, answer in zip(turns, turns[1:])
-            if ask["role"] == "user" and answer["role"] == "assistant"]
+def conversation_from_messages(messages: object, where: str) -> Conversation:
+    """A chat's messages, checked; what follows its last assistant reply is left out (nothing there to learn)."""
+    messages = prompts.check_messages(messages, f"{where}: messages")
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not replies:
+        raise UserError(f"{where}: the conversation has no assistant message to learn from; add the reply or "
+                        "remove the entry")
+    return Conversation(messages[:replies[-1] + 1])
 
 
 def read_entries(path: Path, columns: dict[str, str]) -> list[Entry]:
@@ -139,13 +172,20 @@ def chatterbot_entries() -> list[Entry]:
     return entries
 
 
+def prompt_of(entry: Entry | Conversation) -> tuple:
+    """What the model is asked: entries with the same one are kept in one split."""
+    return entry.opening() if isinstance(entry, Conversation) else (entry.instruction, entry.input)
+
+
 def split_entries(entries: list[Entry], fractions: dict[str, float], seed: int) -> dict[str, list[Entry]]:
     """train and the held-out splits named in `fractions` ({"val": 0.1, "test": 0.05}), by seeded shares, for a
-    source without its own. Entries that share an instruction stay together, so no held-out instruction is one the
-    model was trained on (chatterbot asks "What is AI?" five times)."""
-    groups: dict[str, list[Entry]] = {}
+    source without its own. Entries with the same prompt (instruction and input; a conversation's opening) stay
+    together, so no held-out prompt is one the model was trained on (chatterbot asks "What is AI?" five times);
+    entries that share only the instruction ("Translate into French" with a different sentence each) may be split
+    apart."""
+    groups: dict[tuple, list[Entry]] = {}
     for entry in entries:
-        groups.setdefault(entry.instruction, []).append(entry)
+        groups.setdefault(prompt_of(entry), []).append(entry)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
     parts, start = {}, 0
@@ -154,7 +194,7 @@ def split_entries(entries: list[Entry], fractions: dict[str, float], seed: int) 
         parts[split], start = keys[start:start + count], start + count
     parts["train"] = keys[start:]
     if not parts["train"]:
-        raise UserError(f"{len(entries)} entries ({len(keys)} distinct instructions) are too few to hold out "
+        raise UserError(f"{len(entries)} entries ({len(keys)} distinct prompts) are too few to hold out "
                         + " and ".join(f"{split} ({fraction:g})" for split, fraction in fractions.items())
                         + " and keep some to train on; give more entries")
     return {split: [entry for key in keys_of_split for entry in groups[key]] for split, keys_of_split in parts.items()}
@@ -180,50 +220,84 @@ def load_splits(dataset: str, options: dict, val_fraction: float, seed: int) -> 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokens and batches: prompt + response + end token, padded per batch, the loss kept off the padding
+# Tokens and batches: prompt + response + end token (or a whole conversation), padded per batch, the loss kept off
+# the padding
+
+# What each token of an example is to the loss, as a target:
+CONTEXT = 0  # never: a conversation's system and user turns and the assistant's marker, and the padding
+PROMPT = 1  # an entry's prompt: only without --mask_prompt (the book trains on it)
+RESPONSE = 2  # always: a response or an assistant reply, and the end token after it (the model must learn to stop)
 
 
 @dataclass
 class Encoded:
-    ids: list[list[int]]  # prompt, response and the end token, cut at the context
-    prompt_lengths: list[int]
+    ids: list[list[int]]  # an entry's prompt, response and end token, or a whole conversation; cut at the context
+    kinds: list[list[int]]  # CONTEXT, PROMPT or RESPONSE for each of those ids
     truncated: int  # entries cut at the context
-    dropped: int  # entries whose prompt alone fills the context: nothing of the response would be left
+    dropped: int  # entries with nothing of a response within the context
 
 
-def encode_entries(entries: list[Entry], tokenizer: data.Tokenizer, style: str, block_size: int) -> Encoded:
+def record_template(info: dict, train_entries: list[Entry | Conversation], tokenizer: data.Tokenizer) -> None:
+    """Settle the run's prompt style and record its chat template in `info`, the checkpoint's "instruct" entry that
+    chat.py and serve.py read. --prompt_style=auto is chat for a data set with conversations, alpaca (the book's)
+    otherwise. A conversation's loss is on its replies alone, so a data set of conversations only records that as
+    mask_prompt."""
+    conversations = sum(isinstance(entry, Conversation) for entry in train_entries)
+    if info["prompt_style"] == "auto":
+        info["prompt_style"] = "chat" if conversations else "alpaca"
+    if conversations == len(train_entries):
+        info["mask_prompt"] = True
+    info["chat_template"] = prompts.chat_template(info["prompt_style"], tokenizer.eot_token).to_dict()
+
+
+def encode_entry(entry: Entry | Conversation, tokenizer: data.Tokenizer, style: str) -> tuple[list[int], list[int]]:
+    """An entry's ids and their kinds: the prompt in the style, the response, the end token. A conversation is
+    rendered in the style's chat template (gptkit/prompts.py), as chat.py and serve.py will render it."""
+    if isinstance(entry, Conversation):
+        template = prompts.chat_template(style, tokenizer.eot_token)
+        ids, is_reply = prompts.encode_conversation(template, entry.messages, tokenizer.encode)
+        return ids, [RESPONSE if reply else CONTEXT for reply in is_reply]
+    prompt = tokenizer.encode(format_prompt(style, entry.instruction, entry.input))
+    response = tokenizer.encode(entry.output) + [tokenizer.eot_token]
+    return prompt + response, [PROMPT] * len(prompt) + [RESPONSE] * len(response)
+
+
+def encode_entries(entries: list[Entry | Conversation], tokenizer: data.Tokenizer, style: str,
+                   block_size: int) -> Encoded:
     """Token ids for each entry; a sequence of block_size + 1 tokens gives block_size inputs and targets."""
-    ids, prompt_lengths, truncated, dropped = [], [], 0, 0
+    encoded = Encoded([], [], 0, 0)
     for entry in entries:
-        prompt = tokenizer.encode(format_prompt(style, entry.instruction, entry.input))
-        sequence = prompt + tokenizer.encode(entry.output) + [tokenizer.eot_token]
-        if len(prompt) >= block_size:
-            dropped += 1
+        ids, kinds = encode_entry(entry, tokenizer, style)
+        if RESPONSE not in kinds[1:block_size + 1]:  # no target of a response would be left within the context
+            encoded.dropped += 1
             continue
-        if len(sequence) > block_size + 1:
-            sequence, truncated = sequence[:block_size + 1], truncated + 1
-        ids.append(sequence)
-        prompt_lengths.append(len(prompt))
-    return Encoded(ids, prompt_lengths, truncated, dropped)
+        if len(ids) > block_size + 1:
+            ids, kinds, encoded.truncated = ids[:block_size + 1], kinds[:block_size + 1], encoded.truncated + 1
+        encoded.ids.append(ids)
+        encoded.kinds.append(kinds)
+    return encoded
 
 
-def collate(sequences: list[list[int]], prompt_lengths: list[int], end_token: int,
+def collate(sequences: list[list[int]], kinds: list[list[int]], end_token: int,
             mask_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x, y (B, longest - 1): padded with the end token to the batch's longest sequence, not to the context.
 
     y is x shifted by one, as in pretraining. Each row keeps its own end token as a target (the model must learn
-    to stop) and ignores the padding after it. With mask_prompt the targets inside the prompt are ignored too: the
-    first target kept is the response's first token, predicted from the prompt's last position.
+    to stop) and ignores the padding after it and every CONTEXT token. With mask_prompt the targets inside an
+    entry's prompt are ignored too: the first target kept is the response's first token, predicted from the
+    prompt's last position.
     """
     longest = max(len(s) for s in sequences)
     padded = torch.full((len(sequences), longest), end_token, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
+    kind = torch.full((len(sequences), longest), CONTEXT, dtype=torch.long)  # the padding is never a target
+    for row, (sequence, sequence_kinds) in enumerate(zip(sequences, kinds)):
         padded[row, :len(sequence)] = torch.tensor(sequence)
+        kind[row, :len(sequence)] = torch.tensor(sequence_kinds)
     x, y = padded[:, :-1], padded[:, 1:].clone()
-    for row, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
-        y[row, len(sequence) - 1:] = IGNORE  # target j is token j + 1: past the last real token, all padding
-        if mask_prompt:
-            y[row, :prompt_length - 1] = IGNORE  # targets 0 .. prompt_length - 2 are the prompt's own tokens
+    target_kind = kind[:, 1:]  # target j is token j + 1
+    y[target_kind == CONTEXT] = IGNORE
+    if mask_prompt:
+        y[target_kind == PROMPT] = IGNORE
     return x, y
 
 
@@ -231,8 +305,7 @@ def batches_for(encoded: Encoded, batch_size: int, seed: int, end_token: int,
                 mask_prompt: bool) -> finetune.EpochBatches:
     def make_batch(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = rows.tolist()
-        return collate([encoded.ids[r] for r in rows], [encoded.prompt_lengths[r] for r in rows], end_token,
-                       mask_prompt)
+        return collate([encoded.ids[r] for r in rows], [encoded.kinds[r] for r in rows], end_token, mask_prompt)
     return finetune.EpochBatches(len(encoded.ids), batch_size, seed, make_batch)
 
 
@@ -245,7 +318,7 @@ def response_loss(model: GPT, encoded: Encoded, runtime: Runtime, batch_size: in
     total, count = 0.0, 0
     for start in range(0, len(encoded.ids), batch_size):
         rows = range(start, min(start + batch_size, len(encoded.ids)))
-        x, y = collate([encoded.ids[r] for r in rows], [encoded.prompt_lengths[r] for r in rows], end_token, True)
+        x, y = collate([encoded.ids[r] for r in rows], [encoded.kinds[r] for r in rows], end_token, True)
         scored = int((y != IGNORE).sum())
         with runtime.autocast():
             total += model(runtime.to_device(x), runtime.to_device(y)).float().item() * scored
@@ -258,11 +331,17 @@ def response_loss(model: GPT, encoded: Encoded, runtime: Runtime, batch_size: in
 # Responses, and the judge that scores them
 
 
-def respond(model: GPT, tokenizer: data.Tokenizer, style: str, entry: Entry, max_new_tokens: int) -> str:
-    """The model's greedy response to one entry, up to its end token."""
+def respond(model: GPT, tokenizer: data.Tokenizer, style: str, entry: Entry | Conversation,
+            max_new_tokens: int) -> str:
+    """The model's greedy response to one entry (a conversation's last question), up to its end token."""
     device = model.lm_head.weight.device
-    ids = generate.encode_prompt(format_prompt(style, entry.instruction, entry.input), tokenizer,
-                                 model.config.block_size)
+    if isinstance(entry, Conversation):
+        template = prompts.chat_template(style, tokenizer.eot_token)
+        ids = prompts.encode_conversation(template, entry.asked(), tokenizer.encode, open_reply=True)[0]
+        ids = ids[-model.config.block_size:]
+    else:
+        ids = generate.encode_prompt(format_prompt(style, entry.instruction, entry.input), tokenizer,
+                                     model.config.block_size)
     result = generate.generate(model, torch.tensor([ids], device=device), max_new_tokens,
                                generate.Sampling(temperature=0.0), stop_token=tokenizer.eot_token,
                                vocab_size=tokenizer.vocab_size)
@@ -395,6 +474,7 @@ def start_run(config: Config, options: dict, overridden: frozenset[str]) -> Inst
                         "response with; pretrain with --tokenizer=gpt2 (the default), or use --init_from=gpt2")
 
     splits = load_splits(config.data.dataset, options, config.data.val_fraction, train.seed)
+    record_template(info, splits["train"], tokenizer)
     block_size = config.model.block_size
     encoded = {split: encode_entries(splits[split], tokenizer, info["prompt_style"], block_size) for split in SPLITS}
     truncated, dropped = sum(e.truncated for e in encoded.values()), sum(e.dropped for e in encoded.values())

@@ -1,6 +1,7 @@
 """What the lessons lean on and a learner need not read first: checkpoints and run records, the runtime (device,
-dtype, DDP), data sources, the CPU fast paths, GPT-2 conversion, Muon, prompt styles, perplexity, the command line.
+dtype, DDP), data sources, the CPU fast paths, GPT-2 conversion, Muon, prompt styles and chat templates (and the
+chat page serve.py shows), perplexity, the command line.
 
-The lessons at the top (config, data, model, train, generate, classify, instruct, lora, tour) import from here;
-nothing here imports a lesson or a tool.
+The lessons at the top (config, data, model, train, generate, classify, instruct, lora, chat, serve, tour) import
+from here; nothing here imports a lesson or a tool.
 """

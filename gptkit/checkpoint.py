@@ -219,12 +219,16 @@ def _has_checkpoint(folder: Path) -> bool:
     return any((folder / n).is_file() for n in ("last.pt", "best.pt")) or bool(step_checkpoints(folder))
 
 
-def latest_run(root: Path = CHECKPOINTS_ROOT, exclude_kinds: tuple[str, ...] = ()) -> Path:
+def latest_run(root: Path = CHECKPOINTS_ROOT, exclude_kinds: tuple[str, ...] = (),
+               only_kinds: tuple[str, ...] = ()) -> Path:
     """The run folder under `root` whose checkpoint was written most recently; exclude_kinds=("classifier",) passes
-    over the runs whose manifest.json says they are of that kind (classify.py's)."""
-    runs = [d for d in Path(root).glob("*") if d.is_dir() and _has_checkpoint(d) and _run_kind(d) not in exclude_kinds]
+    over the runs whose manifest.json says they are of that kind (classify.py's), only_kinds=("instruct",) takes
+    only those."""
+    runs = [d for d in Path(root).glob("*") if d.is_dir() and _has_checkpoint(d) and _run_kind(d) not in exclude_kinds
+            and (not only_kinds or _run_kind(d) in only_kinds)]
     if not runs:
-        raise UserError(f"no checkpoint found under {root}/; run `make train` first")
+        kinds = f" of kind {', '.join(only_kinds)}" if only_kinds else ""
+        raise UserError(f"no checkpoint{kinds} found under {root}/; run `make train` first")
     return max(runs, key=lambda d: max(p.stat().st_mtime for p in d.glob("*.pt") if p.is_file()))
 
 

@@ -51,9 +51,14 @@ def test_the_alpaca_template_is_the_books_byte_for_byte_with_and_without_an_inpu
 # ------------------------------------------------------------------------------------------------ batches
 
 
+def prompt_then_response(prompt_length: int, length: int) -> list[int]:
+    return [instruct.PROMPT] * prompt_length + [instruct.RESPONSE] * (length - prompt_length)
+
+
 def test_collate_pads_per_batch_keeps_the_first_end_token_and_masks_exactly_the_prompt():
     end = 9
-    sequences, prompt_lengths = [[1, 2, 3, 4, end], [5, 6, end]], [3, 1]
+    sequences = [[1, 2, 3, 4, end], [5, 6, end]]
+    prompt_lengths = [prompt_then_response(3, 5), prompt_then_response(1, 3)]
     x, y = collate(sequences, prompt_lengths, end, mask_prompt=False)
     assert x.tolist() == [[1, 2, 3, 4], [5, 6, end, end]]  # padded to this batch's longest, with the end token
     assert y.tolist() == [[2, 3, 4, end], [6, end, -1, -1]]  # each row's end token kept, the padding after it not
@@ -67,10 +72,11 @@ def test_collate_pads_per_batch_keeps_the_first_end_token_and_masks_exactly_the_
         lengths = rng.integers(2, 12, size=5)
         prompts = [int(rng.integers(1, n)) for n in lengths]
         batch = [[int(t) for t in rng.integers(0, end, size=n - 1)] + [end] for n in lengths]
-        x, y = collate(batch, prompts, end, mask_prompt=False)
+        kinds = [prompt_then_response(p, n) for p, n in zip(prompts, lengths)]
+        x, y = collate(batch, kinds, end, mask_prompt=False)
         assert x.shape == (5, max(lengths) - 1)
         assert int((y != -1).sum()) == sum(n - 1 for n in lengths)
-        _, y = collate(batch, prompts, end, mask_prompt=True)
+        _, y = collate(batch, kinds, end, mask_prompt=True)
         assert int((y != -1).sum()) == sum(n - p for n, p in zip(lengths, prompts))
 
 
@@ -95,8 +101,27 @@ def test_entries_longer_than_the_context_are_cut_there_and_counted():
     assert (encoded.truncated, encoded.dropped) == (1, 1)  # the third: its prompt alone fills the context
     assert [len(s) for s in encoded.ids] == [len("User: hi\nAssistant: ok") + 1, 25]  # block_size + 1 at most
     assert encoded.ids[0][-1] == tokenizer.eot_token and encoded.ids[1][-1] != tokenizer.eot_token
-    x, y = collate(encoded.ids, encoded.prompt_lengths, tokenizer.eot_token, True)
+    x, y = collate(encoded.ids, encoded.kinds, tokenizer.eot_token, True)
     assert x.shape[1] == 24
+
+
+def test_a_conversation_is_one_sequence_whose_loss_is_on_the_replies_and_their_end_tokens_only():
+    tokenizer = CharsWithEnd("".join(sorted(set(CHARS + "Sfy"))))
+    end = tokenizer.eot_token
+    talk = instruct.Conversation([{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+                                  {"role": "assistant", "content": "hello"}, {"role": "user", "content": "name"},
+                                  {"role": "assistant", "content": "sam"}])
+    encoded = encode_entries([talk], tokenizer, "chat", block_size=100)
+    assert tokenizer.decode(encoded.ids[0]) == "System: be kind\nUser: hi\nAssistant: helloUser: name\nAssistant: sam"
+    assert encoded.ids[0].count(end) == 2  # each reply closed by the one end-of-turn token
+    for mask_prompt in (False, True):  # --mask_prompt is about entries' prompts: a conversation's turns never count
+        x, y = collate(encoded.ids, encoded.kinds, end, mask_prompt)
+        kept = y[0][y[0] != -1].tolist()
+        assert kept == tokenizer.encode("hello") + [end] + tokenizer.encode("sam") + [end]
+    cut = encode_entries([talk], tokenizer, "chat", block_size=40)  # the second reply falls past the context
+    assert (cut.truncated, cut.dropped, len(cut.ids[0])) == (1, 0, 41)
+    assert encode_entries([talk], tokenizer, "chat", block_size=20).dropped == 1  # not even the first reply fits
+    assert talk.instruction == "name" and talk.output == "sam" and talk.asked() == talk.messages[:-1]
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -109,7 +134,7 @@ def test_records_messages_and_the_seeded_split_that_keeps_an_instruction_in_one_
                              {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
                              {"role": "assistant", "content": "see you"}, {"role": "user", "content": "?"}]}]
     assert instruct.entries_from_records(records, "x.json", columns) == [
-        Entry("a", "b", "c"), Entry("hi", "", "hello"), Entry("bye", "", "see you")]
+        Entry("a", "b", "c"), instruct.Conversation(records[1]["messages"][:-1])]  # the unanswered "?" left out
     entries = [Entry(f"q{i % 40}", "", f"a{i}") for i in range(200)]  # 40 instructions, 5 answers each
     splits = instruct.split_entries(entries, {"val": 0.1, "test": 0.1}, seed=3)
     seen = {split: {e.instruction for e in splits[split]} for split in splits}
@@ -118,8 +143,26 @@ def test_records_messages_and_the_seeded_split_that_keeps_an_instruction_in_one_
     assert instruct.split_entries(entries, {"val": 0.1, "test": 0.1}, seed=3) == splits
     with pytest.raises(UserError, match="entry 1 has no 'output'"):
         instruct.entries_from_records([{"instruction": "a", "output": "b"}, {"instruction": "c"}], "x.json", columns)
+    with pytest.raises(UserError, match=r"3 entries \(1 distinct prompts\) are too few"):
+        instruct.split_entries([Entry("q", "", f"a{i}") for i in range(3)], {"val": 0.1, "test": 0.1}, seed=0)
     with pytest.raises(UserError, match="is not a list of objects"):
         instruct.entries_from_records({"instruction": "a"}, "x.json", columns)
+    with pytest.raises(UserError, match=r"x.json, entry 0: messages\[1\].role='bot' is not one of system, user"):
+        instruct.entries_from_records([{"messages": [{"role": "user", "content": "a"}, {"role": "bot",
+                                                                                     "content": "b"}]}], "x.json", {})
+    with pytest.raises(UserError, match="entry 0: the conversation has no assistant message"):
+        instruct.entries_from_records([{"messages": [{"role": "user", "content": "a"}]}], "x.json", {})
+
+
+def test_a_data_set_of_one_instruction_splits_by_input_and_keeps_identical_prompts_together():
+    # 600 x "Translate into French" with 200 sentences, each three times: refused before ("1 distinct instructions")
+    entries = [Entry("Translate into French", f"sentence {i % 200}", f"phrase {i % 200}") for i in range(600)]
+    splits = instruct.split_entries(entries, {"val": 0.1, "test": 0.05}, seed=0)
+    inputs = {split: {e.input for e in splits[split]} for split in splits}
+    assert (len(inputs["val"]), len(inputs["test"]), len(inputs["train"])) == (20, 10, 170)
+    assert not inputs["train"] & inputs["val"] and not inputs["train"] & inputs["test"]
+    assert not inputs["val"] & inputs["test"]
+    assert all(len(splits[split]) == 3 * len(inputs[split]) for split in splits)  # each prompt's three copies
 
 
 # ------------------------------------------------------------------------------------------------ learning
@@ -312,7 +355,7 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(offline_default):
         ([pretrained, "--dataset=empty.json"], "instruct.py", "holds no entries"),
         ([pretrained, "--dataset=broken.jsonl"], "instruct.py", "is not valid JSON Lines"),
         ([pretrained, "--dataset=nothing.json"], "instruct.py", "--dataset=nothing.json does not exist"),
-        ([pretrained, "--prompt_style=vicuna"], "instruct.py", "prompt_style='vicuna' is not one of alpaca, chat"),
+        ([pretrained, "--prompt_style=vicuna"], "instruct.py", "'vicuna' is not one of auto, alpaca, chat"),
         ([pretrained, "--judge_url=localhost:11434"], "instruct.py", "is not an http:// or https:// URL"),
         ([f"--init_from={char_model}"], "instruct.py", "has no end-of-text token"),
         (["--ckpt=checkpoints/tiny-pretrained", "--instruction=hi"], "generate.py", "was not instruction-tuned"),
