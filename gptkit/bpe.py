@@ -148,4 +148,6 @@ def json_from_ranks(ranks: dict[bytes, int], specials: dict[str, int]) -> str:
     vocab = {spell(token): rank for token, rank in ranks.items()}
     tokenizer = new_tokenizer(vocab, [(spell(a), spell(b)) for a, b in merges_from_ranks(ranks)])
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if any(tokenizer.token_to_id(t) != i for t, i in specials.items()):
+        raise RuntimeError(f"special tokens {specials} do not follow the ranks' ids; json_from_ranks needs them last")
     return tokenizer.to_str()

@@ -538,6 +538,15 @@ def load_r50k():
     return tiktoken.get_encoding("r50k_base")
 
 
+def gpt2_ranks() -> dict[bytes, int]:
+    """GPT-2's BPE as tiktoken ranks (token bytes -> id), through load_r50k's offline bootstrap; for export."""
+    import tiktoken.load
+
+    load_r50k()  # the file is in tiktoken's cache after this, verified
+    url, sha256 = r50k_file()
+    return tiktoken.load.load_tiktoken_bpe(url, sha256)
+
+
 def gpt2_tokenizer_status() -> str:
     """For `make check-deps`: is GPT-2's vocabulary cached, downloadable, or to be taken from the package index?"""
     url, sha256 = r50k_file()

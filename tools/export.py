@@ -1,4 +1,5 @@
-"""Write a checkpoint as a transformers GPT-2 folder: config.json, model.safetensors and tokenizer_spec.json.
+"""Write a checkpoint as a transformers GPT-2 folder: config.json, model.safetensors, tokenizer_spec.json, and the
+model's own tokenizer as tokenizer.json + tokenizer_config.json (AutoTokenizer.from_pretrained(folder), offline).
 
     python -m tools.export --ckpt=checkpoints/RUN/best.pt --out=DIR      # or make export CKPT=... OUT=...
 """
@@ -20,6 +21,7 @@ from gptkit.hf import (
     hf_config_dict,
     hf_state_dict,
     pretrained_tokenizer,
+    write_tokenizer_files,
 )
 from gptkit.loading import model_from_checkpoint
 
@@ -36,6 +38,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
         save_file(hf_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
         (out / CONFIG_FILE).write_text(json.dumps(hf_config_dict(config.model, tokenizer), indent=2) + "\n")
         (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer) + "\n")
+        print(f"tokenizer: {write_tokenizer_files(out, tokenizer, config.model)}")
     except OSError as err:
         raise UserError(f"could not write the export to {out}: {err.strerror or err}") from None
     return out
@@ -49,10 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.options["out"] or ckpt.parent / "hf")
     export_checkpoint(ckpt, out)
     tokenizer = pretrained_tokenizer(str(out))
-    usage = "GPT2LMHeadModel.from_pretrained(folder)"
-    if tokenizer["name"] == "gpt2":
-        usage += ", tokenizer AutoTokenizer.from_pretrained('gpt2')"
-    print(f"exported {ckpt} to {out}/ ({CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}); load with {usage}")
+    usage = "GPT2LMHeadModel.from_pretrained(folder) and AutoTokenizer.from_pretrained(folder)"
+    print(f"exported {ckpt} ({tokenizer['name']} tokenizer) to {out}/; load with {usage}")
 
 
 if __name__ == "__main__":
