@@ -27,12 +27,13 @@ INIT ?=
 SPLIT ?=
 STRIDE ?=
 OUT ?=
+BPE_SIZE ?= 4096
 
 preset_arg = $(if $(PRESET),--preset=$(PRESET))
 dataset_arg = $(if $(DATASET),--dataset=$(DATASET))
 
 .PHONY: help setup-all setup install install-force test quick-test lint train train-ddp resume data generate info check-deps \
-        init plot bench gpu-check classify instruct finetune-gpt2 eval export average sweep clean clean-checkpoints clean-all
+        tokenizer init plot bench gpu-check classify instruct finetune-gpt2 eval export average sweep clean clean-checkpoints clean-all
 
 help: ## List the targets (PRESET=tiny|small|gpt2|..., ARGS="--key=value ...")
 	@echo "Targets:"
@@ -70,6 +71,9 @@ lint: $(VENV)/.installed ## Lint with ruff
 
 data: $(VENV)/.installed ## Prepare a data set's token files (DATASET=wikitext2|shakespeare|PATH)
 	$(PY) data.py $(dataset_arg) $(ARGS)
+
+tokenizer: $(VENV)/.installed ## Learn a byte-level BPE of BPE_SIZE tokens on DATASET's train split; bytes per token vs GPT-2's
+	$(PY) data.py $(dataset_arg) --tokenizer=bpe:$(BPE_SIZE) $(ARGS)
 
 train: $(VENV)/.installed ## Train a model (PRESET=..., DATASET=..., ARGS="--max_iters=100 ...")
 	$(PY) train.py $(preset_arg) $(dataset_arg) $(ARGS)
