@@ -69,7 +69,7 @@ quick-test: $(VENV)/.installed ## Prove in under a minute that the model trains 
 lint: $(VENV)/.installed ## Lint with ruff
 	$(PY) -m ruff check .
 
-data: $(VENV)/.installed ## Prepare a data set's token files (DATASET=wikitext2|shakespeare|PATH)
+data: $(VENV)/.installed ## Prepare a data set's token files (DATASET=wikitext2|shakespeare|tang_poems|PATH)
 	$(PY) data.py $(dataset_arg) $(ARGS)
 
 tokenizer: $(VENV)/.installed ## Learn a byte-level BPE of BPE_SIZE tokens on DATASET's train split; bytes per token vs GPT-2's

@@ -145,6 +145,19 @@ def test_an_altered_tokenizer_file_or_another_tokenizer_rebuilds_the_folder(tmp_
     assert data.read_meta(tmp_path / "mine")["tokenizer"]["name"] == "char" and not tokenizer_file.exists()
 
 
+def test_a_checkpoints_bpe_encodes_other_data_in_a_folder_of_its_own(tmp_path, monkeypatch, small_bpe):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "story.txt").write_text(corpus(seed=3))
+    config = DataConfig(dataset="story.txt", tokenizer="bpe:320")
+    learned = data.prepare(config, block_size=8)
+    given = data.prepare(config, block_size=8, tokenizer=small_bpe.to_dict())  # e.g. fine-tuning an exported model
+    assert given == Path(f"data/story-bpe320-{small_bpe.spec['sha256'][:8]}")
+    assert data.read_meta(given)["tokenizer"] == small_bpe.to_dict()
+    assert data.read_meta(learned)["tokenizer"] != small_bpe.to_dict()  # the folder learned here stays as it was
+    same = data.read_meta(learned)["tokenizer"]
+    assert data.prepare(config, block_size=8, tokenizer=same) == learned  # resuming: the very BPE, the same folder
+
+
 def test_bad_bpe_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "story.txt").write_text(corpus(100))
