@@ -29,12 +29,13 @@ STRIDE ?=
 OUT ?=
 PORT ?=
 HOST ?=
+BPE_SIZE ?= 4096
 
 preset_arg = $(if $(PRESET),--preset=$(PRESET))
 dataset_arg = $(if $(DATASET),--dataset=$(DATASET))
 
 .PHONY: help setup-all setup install install-force test quick-test lint train train-ddp resume data generate info check-deps \
-        init plot bench gpu-check classify instruct chat serve finetune-gpt2 eval export average sweep clean clean-checkpoints \
+        tokenizer init plot bench gpu-check classify instruct chat serve finetune-gpt2 eval export average sweep clean clean-checkpoints \
         clean-all
 
 help: ## List the targets (PRESET=tiny|small|gpt2|..., ARGS="--key=value ...")
@@ -71,8 +72,11 @@ quick-test: $(VENV)/.installed ## Prove in under a minute that the model trains 
 lint: $(VENV)/.installed ## Lint with ruff
 	$(PY) -m ruff check .
 
-data: $(VENV)/.installed ## Prepare a data set's token files (DATASET=wikitext2|shakespeare|PATH)
+data: $(VENV)/.installed ## Prepare a data set's token files (DATASET=wikitext2|shakespeare|tang_poems|PATH)
 	$(PY) data.py $(dataset_arg) $(ARGS)
+
+tokenizer: $(VENV)/.installed ## Learn a byte-level BPE of BPE_SIZE tokens on DATASET's train split; bytes per token vs GPT-2's
+	$(PY) data.py $(dataset_arg) --tokenizer=bpe:$(BPE_SIZE) $(ARGS)
 
 train: $(VENV)/.installed ## Train a model (PRESET=..., DATASET=..., ARGS="--max_iters=100 ...")
 	$(PY) train.py $(preset_arg) $(dataset_arg) $(ARGS)

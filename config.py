@@ -203,20 +203,40 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "wikitext2"  # wikitext2, shakespeare, a .txt/.jsonl/.parquet path or folder, or hf:owner/name:config
-    tokenizer: str = "gpt2"  # gpt2 (tiktoken BPE) or char
+    dataset: str = "wikitext2"  # wikitext2, shakespeare, tang_poems, hf:owner/name:config, a .txt/.jsonl/.parquet path
+    tokenizer: str = "gpt2"  # gpt2 (tiktoken BPE), char, or bpe:N (N tokens learned from the train split)
     data_dir: str = ""  # empty: data/<dataset>; a folder with train.bin/val.bin (nanoGPT layout) is used as is
     text_column: str = "text"  # the column (or JSON field) holding the text in .jsonl, .parquet and hf: data
     val_fraction: float = 0.1  # share held out for validation when the source has no validation split
     encoding_errors: str = "strict"  # strict: a file that is not UTF-8 is an error; replace: decode with U+FFFD
 
     def validate(self) -> None:
-        require_choice("tokenizer", self.tokenizer, ("gpt2", "char"))
+        if not self.tokenizer.startswith("bpe:"):
+            require_choice("tokenizer", self.tokenizer, ("gpt2", "char", "bpe:N"))
+        bpe_size(self.tokenizer)
         require_choice("encoding_errors", self.encoding_errors, ("strict", "replace"))
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 1), e.g. --val_fraction=0.1")
         if not self.dataset:
             raise ConfigError("dataset is empty; use --dataset=wikitext2, shakespeare or a path to your text")
+
+
+BPE_SPECIAL_TOKENS = ("<|endoftext|>",)  # a bpe:N vocabulary holds the 256 bytes, these, and N - 257 merges
+BPE_MIN_SIZE = 256 + len(BPE_SPECIAL_TOKENS)
+
+
+def bpe_size(tokenizer: str) -> int | None:
+    """N of --tokenizer=bpe:N (None for gpt2 or char), or a ConfigError saying what N may be."""
+    if not tokenizer.startswith("bpe:"):
+        return None
+    size = tokenizer.removeprefix("bpe:")
+    if not size.isdigit():
+        raise ConfigError(f"tokenizer={tokenizer!r}: N in bpe:N is the vocabulary size, a whole number; use e.g. "
+                          "--tokenizer=bpe:4096")
+    if int(size) < BPE_MIN_SIZE:
+        raise ConfigError(f"tokenizer={tokenizer!r} is smaller than the 256 byte tokens + {len(BPE_SPECIAL_TOKENS)} "
+                          f"special token every byte-level BPE holds; use at least bpe:{BPE_MIN_SIZE}, e.g. bpe:4096")
+    return int(size)
 
 
 @dataclass

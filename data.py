@@ -1,9 +1,10 @@
 """Data: text to token files, and token files to batches. The text itself comes from sources.py.
 
     python data.py --dataset=shakespeare --tokenizer=char   (also --dataset=path/to/text.txt or hf:owner/name:config)
+    python data.py --dataset=shakespeare --tokenizer=bpe:4096   # learn a 4,096-token BPE first (make tokenizer)
 
-Read in order: the tokenizers (text <-> ids), one batch and its x/y shift, the batches a run draws, the token files
-that training memory-maps, and tokenisation on all cores.
+Read in order: the tokenizers (text <-> ids), byte-pair encoding from scratch, one batch and its x/y shift, the
+batches a run draws, the token files that training memory-maps, and tokenisation on all cores.
 """
 
 from __future__ import annotations
@@ -11,23 +12,28 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import math
 import mmap
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import regex  # re with Unicode classes (\p{L}: any letter), for GPT-2's pre-tokenization pattern
 import torch
 from tqdm import tqdm
 
-from config import DataConfig, TrainConfig, UserError
-from gptkit import atomic, sources
+from config import DataConfig, TrainConfig, UserError, bpe_size
+from gptkit import atomic, bpe, sources
 from gptkit.cli import parse_args, run_cli
+from gptkit.perplexity import split_documents
 from gptkit.sources import Source, SourceUnavailable
 
 FORMAT = 1  # bump when the layout of the token files changes, so old folders are rebuilt
+TOKENIZER_FILE = "tokenizer.json"  # a bpe:N folder's BPE, as HF `tokenizers` writes it: Tokenizer.from_file reads it
 SPLITS = ("train", "val", "test")
 CHUNK_CHARS = 1 << 19  # ~0.5 MB pieces: enough to keep every core busy, small enough for a smooth progress bar
 
@@ -121,8 +127,37 @@ class CharTokenizer(Tokenizer):
         return {"name": "char", "chars": self.chars}
 
 
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE learned from a data set's train split (--tokenizer=bpe:N), GPT-2's algorithm with a vocabulary
+    fitted to the data. Its spec carries the tokenizer.json that HF `tokenizers` wrote and the sha256 of it, so a
+    checkpoint holds its tokenizer whole; ids come from tiktoken, which encodes the same ones faster (gptkit/bpe.py)."""
+
+    def __init__(self, spec: dict):
+        tokenizer_json = bpe.checked_json(spec)
+        self.spec, self.name = dict(spec), spec["name"]
+        ranks, specials, _ = bpe.vocabulary(tokenizer_json)
+        self.vocab_size, self.eot_token = len(ranks) + len(specials), specials.get(bpe.EOT)
+        self.encoding = bpe.tiktoken_encoding(tokenizer_json, self.name)
+        self.library = None if self.encoding else bpe.library_tokenizer(tokenizer_json)
+        self.token_bytes = {i: token for token, i in ranks.items()}
+
+    def encode_array(self, text: str) -> np.ndarray:
+        if self.encoding is not None:
+            return np.array(self.encoding.encode_ordinary(text), dtype=np.uint32)
+        return np.array(self.library.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.encoding is not None:
+            return self.encoding.decode(list(ids))
+        return self.library.decode(list(ids), skip_special_tokens=False)
+
+    def to_dict(self) -> dict:
+        return dict(self.spec)
+
+
 def get_tokenizer(spec: dict) -> Tokenizer:
-    """Build the tokenizer a meta.json or checkpoint describes: {"name": "gpt2"} or {"name": "char", "chars": ...}."""
+    """Build the tokenizer a meta.json or checkpoint describes: {"name": "gpt2"}, {"name": "char", "chars": ...} or
+    {"name": "bpe:N", "json": <tokenizer.json>, "sha256": ...}."""
     name = spec.get("name")
     if name == "gpt2":
         return GPT2Tokenizer()
@@ -131,7 +166,78 @@ def get_tokenizer(spec: dict) -> Tokenizer:
             raise UserError("char tokenizer without its vocabulary ('chars'); rebuild with python data.py "
                             "--tokenizer=char")
         return CharTokenizer(spec["chars"])
-    raise UserError(f"tokenizer {name!r} is not known; use gpt2 or char")
+    if isinstance(name, str) and name.startswith("bpe:"):
+        return BPETokenizer(spec)
+    raise UserError(f"tokenizer {name!r} is not known; use gpt2, char or bpe:N")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Byte-pair encoding, from scratch: what --tokenizer=bpe:N does (there with HF `tokenizers`), written to be read.
+# `python tour.py bpe` runs it on a paragraph and prints the merges.
+
+
+def learn_bpe(text: str, vocab_size: int) -> dict[tuple[int, int], int]:
+    """Learn up to vocab_size - 256 merges from `text`: {(left id, right id): new id}, in the order learned.
+
+    Start from the text's UTF-8 bytes, ids 0-255, so any text at all can be written with them. Then, again and again,
+    find the most frequent pair of neighbouring ids and give it a new id. Pairs are counted only inside words, the
+    pieces GPT-2's pattern cuts the text into, so a token never spans two words; and each distinct word is handled
+    once, weighted by how often it occurs.
+    """
+    words = Counter(tuple(word.encode("utf-8")) for word in regex.findall(bpe.GPT2_SPLIT_PATTERN, text))
+    merges: dict[tuple[int, int], int] = {}
+    for new_id in range(256, vocab_size):
+        pair_counts: Counter[tuple[int, int]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] += count
+        if not pair_counts:
+            break  # every word is a single token: nothing is left to merge
+        best = max(pair_counts, key=pair_counts.get)  # on a tie, the pair seen first
+        merges[best] = new_id
+        words = Counter({merge_pair(word, best, new_id): count for word, count in words.items()})
+    return merges
+
+
+def merge_pair(ids: tuple[int, ...], pair: tuple[int, int], new_id: int) -> tuple[int, ...]:
+    """`ids` with each occurrence of `pair`, left to right, replaced by new_id."""
+    merged, i = [], 0
+    while i < len(ids):
+        if ids[i:i + 2] == pair:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return tuple(merged)
+
+
+def bpe_encode(text: str, merges: dict[tuple[int, int], int]) -> list[int]:
+    """Cut the text into words as learning did; in each, apply the earliest-learned merge that fits, until none does.
+    Merges are replayed in the order they were learned, so a word is cut as training would have cut it."""
+    ids: list[int] = []
+    for word in regex.findall(bpe.GPT2_SPLIT_PATTERN, text):
+        tokens = tuple(word.encode("utf-8"))
+        while len(tokens) > 1:
+            pair = min(zip(tokens, tokens[1:]), key=lambda p: merges.get(p, math.inf))
+            if pair not in merges:
+                break
+            tokens = merge_pair(tokens, pair, merges[pair])
+        ids.extend(tokens)
+    return ids
+
+
+def bpe_vocabulary(merges: dict[tuple[int, int], int]) -> dict[int, bytes]:
+    """Every id's bytes: the 256 single bytes, then each merge's two parts joined (known by then: learned earlier)."""
+    vocab = {i: bytes([i]) for i in range(256)}
+    for (left, right), new_id in merges.items():
+        vocab[new_id] = vocab[left] + vocab[right]
+    return vocab
+
+
+def bpe_decode(ids: list[int], vocab: dict[int, bytes]) -> str:
+    """Join the ids' bytes and read them as UTF-8 (a character cut in two, in a sample, shows as U+FFFD)."""
+    return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,16 +366,24 @@ class EpochSampler:
 # Token files
 
 
-def prepare(data: DataConfig, block_size: int, explicit_dataset: bool = True) -> Path:
-    """Make sure the token files for `data` exist and are current; return their folder. See the module docstring."""
+def prepare(data: DataConfig, block_size: int, explicit_dataset: bool = True, tokenizer: dict | None = None) -> Path:
+    """Make sure the token files for `data` exist and are current; return their folder. See the module docstring.
+
+    A bpe:N data set gets its own folder, data/<name>-bpe<N>, and its BPE is learned there once. `tokenizer`, a BPE
+    spec (a checkpoint's), encodes the text with that very BPE instead: resuming, evaluating or fine-tuning a model
+    feeds it the ids it learned, in that folder when its BPE is the same, else in data/<name>-bpe<N>-<sha256[:8]>.
+    """
     if data.data_dir and _is_nanogpt_layout(Path(data.data_dir)):
         folder = Path(data.data_dir)
         _check_block_size(folder, read_meta(folder), block_size)
         print(f"data: using {folder} as is (nanoGPT layout: uint16 ids, no meta.json)")
         return folder
     source = sources.resolve_source(data)
-    folder = Path(data.data_dir) if data.data_dir else sources.DATA_ROOT / source.name
-    if _is_current(folder, source, data.tokenizer):
+    given = tokenizer if bpe_size(data.tokenizer) and tokenizer and tokenizer.get("name") == data.tokenizer else None
+    folder = Path(data.data_dir) if data.data_dir else sources.DATA_ROOT / _folder_name(source.name, data.tokenizer)
+    if given and not data.data_dir and not _is_current(folder, source, data.tokenizer, given):
+        folder = folder.with_name(f"{folder.name}-{given['sha256'][:8]}")
+    if _is_current(folder, source, data.tokenizer, given):
         meta = read_meta(folder)
         _check_block_size(folder, meta, block_size)
         counts = ", ".join(f"{s} {v['tokens']:,}" for s, v in meta["splits"].items())
@@ -283,19 +397,31 @@ def prepare(data: DataConfig, block_size: int, explicit_dataset: bool = True) ->
         print(f"warning: WikiText-2 is unavailable: {err}.\nwarning: using the offline Shakespeare corpus instead "
               "(--dataset=shakespeare); pass --dataset=wikitext2 to make this an error.", file=sys.stderr)
         fallback = DataConfig(**{**data.__dict__, "dataset": "shakespeare"})
-        return prepare(fallback, block_size, explicit_dataset=True)
-    return _build(folder, source, documents, data.tokenizer, block_size)
+        return prepare(fallback, block_size, explicit_dataset=True, tokenizer=tokenizer)
+    return _build(folder, source, documents, data.tokenizer, block_size, given)
+
+
+def _folder_name(dataset: str, tokenizer_name: str) -> str:
+    """data/<dataset>/ for gpt2 and char (switching between them rebuilds it); data/<dataset>-bpe<N>/ for each N."""
+    size = bpe_size(tokenizer_name)
+    return f"{dataset}-bpe{size}" if size else dataset
 
 
 def _build(folder: Path, source: Source, documents: dict[str, list[str]], tokenizer_name: str,
-           block_size: int) -> Path:
+           block_size: int, given: dict | None = None) -> Path:
     started = time.perf_counter()
+    learned_s = None
     if tokenizer_name == "char":
         # All splits' characters, so that validation text never hits an unknown character.
         tokenizer: Tokenizer = CharTokenizer("".join(sorted(set("\n".join(d for ds in documents.values() for d in ds))
                                                            | {"\n"})))
+    elif bpe_size(tokenizer_name) and given is None:
+        # The train split only: a vocabulary fitted to the validation text would flatter its loss and bits per byte.
+        tokenizer = BPETokenizer(bpe.make_spec(tokenizer_name, bpe.train_bpe(
+            documents["train"], bpe_size(tokenizer_name), f"the train split of {source.description}")))
+        learned_s = time.perf_counter() - started
     else:
-        tokenizer = get_tokenizer({"name": tokenizer_name})
+        tokenizer = get_tokenizer(given or {"name": tokenizer_name})
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     text_hash = hashlib.sha256()
     tokens, splits = {}, {}
@@ -310,7 +436,8 @@ def _build(folder: Path, source: Source, documents: dict[str, list[str]], tokeni
                             f"block_size+1={block_size + 1}; add text, lower --block_size"
                             + (" or raise --val_fraction" if split == "val" else ""))
         tokens[split] = ids.astype(dtype)
-        splits[split] = {"tokens": int(len(ids)), "documents": len(documents[split])}
+        splits[split] = {"tokens": int(len(ids)), "documents": len(documents[split]),
+                         "bytes": sum(len(d.encode("utf-8", "surrogatepass")) for d in documents[split])}
     # Only now, with everything checked, touch the folder: meta.json goes first and comes back last, so a killed
     # run leaves a folder that the next run rebuilds rather than trusts.
     folder.mkdir(parents=True, exist_ok=True)
@@ -320,10 +447,16 @@ def _build(folder: Path, source: Source, documents: dict[str, list[str]], tokeni
             _write_atomic(folder / f"{split}.bin", tokens[split].tobytes())
         else:
             (folder / f"{split}.bin").unlink(missing_ok=True)
-    meta = {"format": FORMAT, "dataset": source.name, "tokenizer": tokenizer.to_dict(),
+    spec = tokenizer.to_dict()
+    if isinstance(tokenizer, BPETokenizer):  # meta.json names the file; read_meta puts its text back in the spec
+        _write_atomic(folder / TOKENIZER_FILE, spec["json"].encode())
+        spec = {"name": spec["name"], "file": TOKENIZER_FILE, "sha256": spec["sha256"]}
+    else:
+        (folder / TOKENIZER_FILE).unlink(missing_ok=True)
+    meta = {"format": FORMAT, "dataset": source.name, "tokenizer": spec,
             "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "splits": splits,
             "source": source.description, "source_fingerprint": source.fingerprint, "options": source.options,
-            "text_sha256": text_hash.hexdigest()}
+            "text_sha256": text_hash.hexdigest(), "tokenizer_learned_s": learned_s}
     _write_atomic(folder / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
     counts = ", ".join(f"{s} {v['tokens']:,}" for s, v in splits.items())
     print(f"data: wrote {folder} ({tokenizer.name}, vocab {tokenizer.vocab_size:,}, tokens: {counts}) "
@@ -340,16 +473,20 @@ def _write_atomic(path: Path, payload: bytes) -> None:
             from None
 
 
-def _is_current(folder: Path, source: Source, tokenizer_name: str) -> bool:
+def _is_current(folder: Path, source: Source, tokenizer_name: str, given: dict | None = None) -> bool:
     try:
         meta = json.loads((folder / "meta.json").read_text())
         current = (meta["format"] == FORMAT and meta["source"] == source.description
                    and meta["source_fingerprint"] == source.fingerprint and meta["options"] == source.options
                    and meta["tokenizer"]["name"] == tokenizer_name)
+        if current and "file" in meta["tokenizer"]:  # a BPE: its tokenizer.json must be there and unaltered
+            spec = read_meta(folder)["tokenizer"]
+            bpe.checked_json(spec)
+            current = given is None or spec == given
         itemsize = np.dtype(meta["dtype"]).itemsize
         return current and all((folder / f"{s}.bin").stat().st_size == v["tokens"] * itemsize
                                for s, v in meta["splits"].items())
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, UserError):
         return False
 
 
@@ -369,10 +506,19 @@ def read_meta(data_dir: Path) -> dict:
     data_dir = Path(data_dir)
     if (data_dir / "meta.json").exists():
         try:
-            return json.loads((data_dir / "meta.json").read_text())
+            meta = json.loads((data_dir / "meta.json").read_text())
         except (OSError, ValueError) as err:
             raise UserError(f"{data_dir}/meta.json is unreadable ({err}); delete {data_dir} and run python "
                             "data.py again") from None
+        spec = meta.get("tokenizer") or {}
+        if "file" in spec:  # a BPE's tokenizer.json, beside the token files: back into the spec, checked when used
+            try:
+                tokenizer_json = (data_dir / spec["file"]).read_text(encoding="utf-8")
+            except OSError as err:
+                raise UserError(f"{data_dir / spec['file']} is unreadable ({err.strerror or err}); rebuild the data "
+                                f"with python data.py --tokenizer={spec.get('name')}") from None
+            meta["tokenizer"] = {"name": spec["name"], "json": tokenizer_json, "sha256": spec["sha256"]}
+        return meta
     if not _is_nanogpt_layout(data_dir):
         raise UserError(f"{data_dir} has no meta.json or train.bin/val.bin; prepare it with python data.py")
     if (data_dir / "meta.pkl").exists():  # nanoGPT's char data: its vocabulary is a pickle, which we never load
@@ -438,9 +584,36 @@ def tokenize_documents(tokenizer: Tokenizer, documents: list[str], workers: int 
 # Command line
 
 
+def describe_bpe(folder: Path) -> str:
+    """For `make tokenizer`: a BPE's size, its bytes per token on the validation split against GPT-2's BPE, the
+    longest tokens it learned, and how long learning took."""
+    meta = read_meta(folder)
+    tokenizer = get_tokenizer(meta["tokenizer"])
+    val = np.asarray(open_split(folder, "val"))
+    documents = [tokenizer.decode(ids.tolist()) for ids in split_documents(val, tokenizer.eot_token)]
+    n_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    ours = f"{n_bytes / (len(val) - len(documents)):.2f}"
+    try:
+        gpt2 = GPT2Tokenizer()
+        theirs = f"{n_bytes / sum(len(gpt2.encode_array(d)) for d in documents):.2f}"
+    except UserError as err:
+        theirs = f"not measured: {err}"
+    longest = sorted(tokenizer.token_bytes.values(), key=len, reverse=True)[:10]
+    learned = meta.get("tokenizer_learned_s")
+    return "\n".join([
+        f"tokenizer: {tokenizer.name}, {tokenizer.vocab_size:,} tokens (256 bytes, <|endoftext|>, "
+        f"{tokenizer.vocab_size - 257:,} merges), in {folder / TOKENIZER_FILE}",
+        f"learned from the train split ({meta['splits']['train'].get('bytes', 0) / 1e6:.2f} MB) in "
+        + (f"{learned:.1f} s" if learned is not None else "another run (a checkpoint's BPE)"),
+        f"bytes per token on the val split ({n_bytes / 1e6:.2f} MB): {ours}; GPT-2's BPE (50,257 tokens): {theirs}",
+        "longest tokens: " + " ".join(repr(t.decode("utf-8", errors="replace")) for t in longest)])
+
+
 def main() -> None:
     args = parse_args(sys.argv[1:], reads=("preset", "block_size", "data"))
-    prepare(args.config.data, args.config.model.block_size, explicit_dataset="dataset" in args.overridden)
+    folder = prepare(args.config.data, args.config.model.block_size, explicit_dataset="dataset" in args.overridden)
+    if bpe_size(args.config.data.tokenizer):
+        print(describe_bpe(folder))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The learning path's demonstrations: each chapter's idea, shown working in seconds on a laptop CPU.
 
     python tour.py tokens "Hello, world!"     # chapter 2: text -> GPT-2 BPE ids -> text
+    python tour.py bpe                        # chapter 2: byte-pair encoding learned from scratch on a paragraph
     python tour.py batch                      # chapter 2: one batch's inputs x and targets y, side by side
     python tour.py attention                  # chapter 3: one head's causal attention weights (runs/tour/attention.png)
     python tour.py model                      # chapter 4: the GPT's layers, parameters, and its first loss
@@ -24,15 +25,21 @@ import torch
 import torch.nn.functional as F
 
 import data
-from config import PRESETS, ModelConfig, UserError, error_summary
-from gptkit import checkpoint, loading
+from config import BPE_MIN_SIZE, PRESETS, ModelConfig, UserError, error_summary
+from gptkit import bpe, checkpoint, loading
 from gptkit.cli import parse_args, run_cli
 from model import GPT, apply_rope, rope_angles
 from train import learning_rate_at  # the very function the training loop calls
 
 SAMPLE_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
                "First Citizen:\nYou are all resolved rather to die than to famish?\n")
-DEMOS = ("tokens", "batch", "attention", "model", "schedule", "rope")
+# Hamlet, III.1 (public domain): enough repeated words for the first merges to mean something.
+BPE_PARAGRAPH = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+                 "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n"
+                 "And by opposing end them. To die—to sleep,\nNo more; and by a sleep to say we end\n"
+                 "The heart-ache and the thousand natural shocks\nThat flesh is heir to: 'tis a consummation\n"
+                 "Devoutly to be wish'd. To die, to sleep;\nTo sleep, perchance to dream—ay, there's the rub:\n")
+DEMOS = ("tokens", "bpe", "batch", "attention", "model", "schedule", "rope")
 OPTIONS = {
     "text": "",  # tokens: the text to split ("Hello, world!"); attention: the prompt ("To be, or not to be")
     "ckpt": "",  # attention: a checkpoint file or run folder; default: the latest language-model run's best
@@ -53,6 +60,25 @@ def show_tokens(text: str) -> None:
     print(f"ids:    {ids}  ({len(ids)} tokens from {len(text)} characters; vocabulary {tokenizer.vocab_size:,})")
     print(f"pieces: {pieces}")
     print(f"decode: {tokenizer.decode(ids)!r}")
+
+
+def show_bpe(text: str = BPE_PARAGRAPH, n_merges: int = 24) -> None:
+    """Chapter 2: byte-pair encoding from scratch (data.learn_bpe). Start from the text's bytes; again and again give
+    the most frequent pair of neighbours a new id. Then the same number of merges by HF `tokenizers`, as
+    --tokenizer=bpe:N learns them: the same idea, about as many tokens."""
+    merges = data.learn_bpe(text, 256 + n_merges)
+    vocab = data.bpe_vocabulary(merges)
+    show = lambda i: repr(vocab[i].decode("utf-8", errors="replace"))  # noqa: E731
+    print(f"{len(merges)} merges learned from a paragraph of {len(text.encode())} bytes, most frequent pair first:")
+    for (left, right), new_id in merges.items():
+        print(f"  {new_id}: {show(left):>8} + {show(right):<8} -> {show(new_id)}")
+    ids = data.bpe_encode(text, merges)
+    print(f"encoded: {len(text.encode())} bytes -> {len(ids)} tokens ({len(text.encode()) / len(ids):.2f} bytes per "
+          f"token); decoding gives the text back: {data.bpe_decode(ids, vocab) == text}")
+    print("first tokens: " + " ".join(show(i) for i in ids[:24]))
+    library = data.BPETokenizer(bpe.make_spec("bpe", bpe.train_bpe([text], BPE_MIN_SIZE + len(merges))))
+    print(f"HF tokenizers with the same {len(merges)} merges: {len(library.encode(text))} tokens "
+          f"(python data.py --tokenizer=bpe:N learns N - {BPE_MIN_SIZE} merges from a whole data set)")
 
 
 def show_batch(batch_size: int = 2, block_size: int = 12) -> None:
@@ -255,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"tour.py {demo} loads no model; --ckpt and --run go with tour.py attention")
     if demo == "tokens":
         show_tokens(text or "Hello, world!")
+    elif demo == "bpe":
+        show_bpe()
     elif demo == "batch":
         show_batch()
     elif demo == "attention":

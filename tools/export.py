@@ -1,5 +1,6 @@
-"""Write a checkpoint as a transformers folder: config.json, model.safetensors and tokenizer_spec.json. The GPT-2 form
-loads as GPT2LMHeadModel, the llama form (--arch=llama) as LlamaForCausalLM; a mix of the two is refused.
+"""Write a checkpoint as a transformers folder: config.json, model.safetensors, tokenizer_spec.json, and the model's
+own tokenizer as tokenizer.json + tokenizer_config.json (AutoTokenizer.from_pretrained(folder), offline). The GPT-2
+form loads as GPT2LMHeadModel, the llama form (--arch=llama) as LlamaForCausalLM; a mix of the two is refused.
 
     python -m tools.export --ckpt=checkpoints/RUN/best.pt --out=DIR      # or make export CKPT=... OUT=...
 """
@@ -24,6 +25,7 @@ from gptkit.hf import (
     llama_config_dict,
     llama_state_dict,
     pretrained_tokenizer,
+    write_tokenizer_files,
 )
 from gptkit.loading import model_from_checkpoint
 
@@ -36,7 +38,7 @@ OPTIONS = {
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """Write a checkpoint as a transformers folder (GPT2LMHeadModel or LlamaForCausalLM): config.json,
-    model.safetensors, tokenizer_spec.json."""
+    model.safetensors, tokenizer_spec.json and the tokenizer's own files."""
     from safetensors.torch import save_file
     payload = load_checkpoint(Path(ckpt_path))
     model, config = model_from_checkpoint(payload)
@@ -51,6 +53,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
         save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
         (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer) + "\n")
+        print(f"tokenizer: {write_tokenizer_files(out, tokenizer, config.model)}")
     except OSError as err:
         raise UserError(f"could not write the export to {out}: {err.strerror or err}") from None
     return out
@@ -63,10 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     export_checkpoint(ckpt, out)
     tokenizer = pretrained_tokenizer(str(out))
     architecture = json.loads((out / CONFIG_FILE).read_text())["architectures"][0]
-    usage = f"{architecture}.from_pretrained(folder)"
-    if tokenizer["name"] == "gpt2":
-        usage += ", tokenizer AutoTokenizer.from_pretrained('gpt2')"
-    print(f"exported {ckpt} to {out}/ ({CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}); load with {usage}")
+    usage = f"{architecture}.from_pretrained(folder) and AutoTokenizer.from_pretrained(folder)"
+    print(f"exported {ckpt} ({tokenizer['name']} tokenizer) to {out}/; load with {usage}")
 
 
 if __name__ == "__main__":
