@@ -265,6 +265,6 @@ def test_tour_schedule_saves_its_picture_under_runs(tmp_path):
 
 def test_tour_names_its_demonstrations_when_given_none(tmp_path):
     line = one_line_error(run("tour.py", cwd=tmp_path))
-    assert "python tour.py tokens|batch|attention|model|schedule" in line
+    assert "python tour.py tokens|bpe|batch|attention|model|schedule|rope" in line
     assert "tour.py model takes no text" in one_line_error(run("tour.py", "model", "hello", cwd=tmp_path))
 
