@@ -27,8 +27,8 @@ def make_run(run_dir: Path, keep_last: int = 2) -> None:
 
 
 # Every call that can be interrupted during a save; the child kills itself with SIGKILL at call number N.
-KILL_POINTS = [("checkpoint._HashingWriter", "write"), ("os", "fsync"), ("os", "replace"), ("os", "symlink"),
-               ("pathlib.Path", "unlink")]
+KILL_POINTS = [("gptkit.checkpoint:_HashingWriter", "write"), ("os", "fsync"), ("os", "replace"), ("os", "symlink"),
+               ("pathlib:Path", "unlink")]
 
 
 def save_with_kill_at(run_dir: Path, kill_at: int) -> bool:
@@ -38,7 +38,7 @@ def save_with_kill_at(run_dir: Path, kill_at: int) -> bool:
         calls = [0]
         import importlib
         for module_name, attr in KILL_POINTS:
-            owner_name, _, cls = module_name.partition(".")
+            owner_name, _, cls = module_name.partition(":")
             owner = importlib.import_module(owner_name)
             target = getattr(owner, cls) if cls else owner
             original = getattr(target, attr)
@@ -208,7 +208,7 @@ def test_resume_is_bitwise_exact_and_the_check_has_teeth(tmp_path, optimizer):
 
     def resumed_weights(name: str, mutation: str) -> dict:
         run_train(tmp_path, *common, "--max_iters=8", f"--out_dir={name}")
-        code = (f"import sys, torch, checkpoint, train; {mutation}; "
+        code = (f"import sys, torch, train; from gptkit import checkpoint; {mutation}; "
                 f"sys.argv = ['train.py', '--resume', '--out_dir={name}', '--max_iters=16']; train.run_cli(train.main)")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -256,7 +256,8 @@ def test_soak_400_steps_learns_without_leaking_and_keeps_keep_last_checkpoints(t
 
 
 NAN_AT_STEP = """
-import sys, torch, fast, train
+import sys, torch, train
+from gptkit import fast
 calls = [0]
 original = fast.FastGPT.forward  # the training forward on the CPU (fast.py's; the plain GPT's with fast kernels off)
 def forward(self, idx, targets=None, **kwargs):
