@@ -13,7 +13,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from config import PRESETS, Config, ConfigError, UserError, require_choice
+from config import PRESETS, Config, ConfigError, ModelConfig, UserError, require_choice
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -74,11 +74,14 @@ class ParsedArgs(typing.NamedTuple):
     overridden: frozenset[str]  # config fields the user set explicitly, as opposed to the preset's values
 
 
-def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: str | None = None) -> ParsedArgs:
+def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: str | None = None,
+               defaults: dict[str, object] | None = None) -> ParsedArgs:
     """Build a validated Config from `--preset=NAME --key=value ...`.
 
     `extra` declares entry-point options that are not config fields (e.g. generate.py's --prompt), with their
-    defaults. `preset` replaces the device-dependent default preset (e.g. a test pinning `tiny`).
+    defaults. `preset` replaces the device-dependent default preset (e.g. a test pinning `tiny`). `defaults` are an
+    entry point's own values for config fields (the fine-tuning scripts' learning rate): they replace the preset's
+    before the command line is applied and validated, so `--learning_rate` alone keeps their min_lr/learning_rate.
     """
     extra = dict(extra or {})
     pairs: list[tuple[str, str]] = []
@@ -99,8 +102,7 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
         preset_name = default_preset()
     if preset_name not in PRESETS:
         require_choice("preset", preset_name, tuple(PRESETS))
-    config = PRESETS[preset_name]()
-    config.preset = preset_name
+    config = _preset_with_defaults(preset_name, defaults or {})
 
     owners = _sections(config)
     options = dict(extra)
@@ -124,7 +126,7 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
             close = ", ".join("--" + c for c in difflib.get_close_matches(key, known, n=3, cutoff=0.6))
             hint = f"; did you mean {close}?" if close else "; config.py lists the fields"
             raise ConfigError(f"unknown option --{key}{hint}")
-    preset_train = PRESETS[preset_name]().train
+    preset_train = _preset_with_defaults(preset_name, defaults or {}).train
     scale = config.train.learning_rate / preset_train.learning_rate
     if "learning_rate" in overridden and "min_lr" not in overridden:
         config.train.min_lr = preset_train.min_lr * scale  # keep the preset's decay
@@ -132,6 +134,38 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
         config.train.muon_lr = preset_train.muon_lr * scale  # one rate moves the preset's whole recipe
     config.validate()
     return ParsedArgs(config, options, frozenset(overridden))
+
+
+def _preset_with_defaults(name: str, defaults: dict[str, object]) -> Config:
+    config = PRESETS[name]()
+    config.preset = name
+    owners = _sections(config)
+    for key, value in defaults.items():
+        setattr(owners[key], key, value)
+    return config
+
+
+def merge_resume_config(saved: Config, parsed: Config, overridden: frozenset[str],
+                        also_fixed: tuple[str, ...] = ()) -> Config:
+    """The saved run's config, with the user's explicit overrides on top (e.g. more max_iters) where they are safe;
+    one that would change what the checkpoint holds (the model's sizes, the data, the optimizer) is refused.
+    `also_fixed` names more fields a resume may not change (the fine-tuning splits' val_fraction)."""
+    fixed = {f.name for f in dataclasses.fields(ModelConfig)} - {"dropout"}
+    fixed |= {"tokenizer", "dataset", "data_dir", "batch_size", "gradient_accumulation_steps", "sampling", "seed",
+              "optimizer"}  # a checkpoint's optimizer state fits only the optimizer that wrote it
+    fixed |= set(also_fixed)
+    for key in sorted(overridden):
+        if key in ("resume", "out_dir", "run_name"):
+            continue
+        new = getattr(_sections(parsed)[key], key)
+        target = _sections(saved)[key]
+        old = getattr(target, key)
+        if key in fixed and new != old:
+            raise ConfigError(f"--{key}={new} contradicts the run being resumed ({key}={old}); "
+                              "drop the override or start a new run with another --out_dir")
+        setattr(target, key, new)
+    saved.train.resume = True
+    return saved.validate()
 
 
 def run_cli(main: Callable[[], object]) -> None:

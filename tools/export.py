@@ -21,7 +21,7 @@ from gptkit.hf import (
     hf_state_dict,
     pretrained_tokenizer,
 )
-from gptkit.loading import model_from_checkpoint
+from gptkit.loading import NOT_LANGUAGE_MODELS, model_from_checkpoint
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv, extra={"ckpt": "", "run": "", "out": ""})
     if args.overridden:
         raise UserError(f"export takes --ckpt, --run and --out only, not --{sorted(args.overridden)[0]}")
-    ckpt = resolve_checkpoint(args.options["ckpt"], args.options["run"])
+    ckpt = resolve_checkpoint(args.options["ckpt"], args.options["run"], exclude_kinds=NOT_LANGUAGE_MODELS)
     out = Path(args.options["out"] or ckpt.parent / "hf")
     export_checkpoint(ckpt, out)
     tokenizer = pretrained_tokenizer(str(out))
