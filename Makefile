@@ -84,10 +84,10 @@ train: $(VENV)/.installed ## Train a model (PRESET=..., DATASET=..., ARGS="--max
 train-ddp: $(VENV)/.installed ## Train with DDP on NPROC processes of this machine, one per GPU (NPROC=2, PRESET=, ARGS=)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py $(preset_arg) $(dataset_arg) $(ARGS)
 
-resume: $(VENV)/.installed ## Continue the latest run exactly where it stopped (ARGS="--out_dir=DIR" for another)
+resume: $(VENV)/.installed ## Continue the latest pretraining run exactly where it stopped (ARGS="--out_dir=DIR" for another)
 	$(PY) train.py --resume $(ARGS)
 
-generate: $(VENV)/.installed ## Sample from the latest run (PROMPT="...", CKPT=PATH, RUN=NAME, INIT=gpt2, ARGS=...)
+generate: $(VENV)/.installed ## Sample from the latest language-model run (PROMPT="...", CKPT=PATH, RUN=NAME, INIT=gpt2, ARGS=...)
 	$(PY) generate.py $(if $(PROMPT),--prompt="$(PROMPT)") $(if $(INIT),--init_from=$(INIT)) --max_new_tokens=$(MAX_NEW_TOKENS) --temperature=$(TEMPERATURE) \
 	  --top_k=$(TOP_K) --num_samples=$(NUM_SAMPLES) --seed=$(SEED) $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(ARGS)
 

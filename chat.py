@@ -65,7 +65,7 @@ class ChatModel:
 def default_chat_checkpoint() -> str:
     """The most recent instruct.py run: instruction- and chat-tuned runs alike."""
     try:
-        return str(checkpoint.latest_run(only_kinds=("instruct",)))
+        return str(checkpoint.latest_run(kinds=("instruct",)))
     except UserError:
         raise UserError(f"no instruction- or chat-tuned run under {checkpoint.CHECKPOINTS_ROOT}/; "
                         f"{HOW_TO_MAKE_ONE}") from None

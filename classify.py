@@ -7,8 +7,9 @@
 
 The LM head is replaced by a Linear(n_embd, classes) read at the last real token of each text: under the causal
 mask that is the one position that has seen the whole text, and padding after it cannot change what it saw.
-Training is finetune.py's loop over train.py's step (mixed precision, AdamW, warmup and cosine decay, clipping,
-skipped non-finite steps) with checkpoint.py's atomic, verified saves.
+Training is train.py's loop (mixed precision, AdamW, warmup and cosine decay, clipping, skipped non-finite steps,
+early stopping, atomic verified checkpoints, exact --resume); this file holds what is the task's own: the data, the
+classifier, its metrics and its finish. The run starts as instruct.py's does (gptkit/finetune.py).
 """
 
 from __future__ import annotations
@@ -26,14 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-import finetune
 import lora
 from config import Config, ConfigError, UserError
-from gptkit import checkpoint, runinfo, sources
-from gptkit.cli import parse_args, run_cli
+from gptkit import checkpoint, finetune, runinfo, sources
+from gptkit.cli import ParsedArgs, run_cli
 from gptkit.runtime import Runtime, StopRequest, setup_runtime
 from model import GPT
-from train import TrainState, make_optimizer
+from train import Evaluation, Run, end_of_training, start_fine_tuning, train_loop
 
 OPTIONS = {
     "label_column": "label",  # the column (or JSON field) holding each text's class
@@ -54,7 +54,7 @@ DEFAULT_EPOCHS = 3
 # Fine-tuning settings where the command line gives none (the book's: AdamW at 5e-5, weight decay 0.1, batch 8);
 # the learning rate is the best of 5e-5, 5e-4 and 2e-3 on the offline task's validation split (README).
 DEFAULTS = {"batch_size": 8, "learning_rate": 5e-4, "min_lr": 5e-5, "weight_decay": 0.1, "warmup_iters": 20,
-            "eval_interval": 100, "log_interval": 20,
+            "eval_interval": 100, "log_interval": 20, "dataset": DEFAULT_DATASET,
             "optimizer": "adamw", "lr_schedule": "cosine"}  # the book's AdamW and cosine, whatever the preset says
 PASSAGE_CHARS = 400  # a Shakespeare passage: whole lines up to about this many characters
 SPLITS = ("train", "val", "test")
@@ -283,7 +283,7 @@ def encode_split(split: Split, tokenizer: data.Tokenizer, label_names: list[str]
 
 def class_batches(examples: Encoded, batch_size: int, seed: int) -> finetune.EpochBatches:
     """Each training text once per epoch, in a fresh seeded order; a batch is padded to its longest text."""
-    return finetune.EpochBatches(len(examples.labels), batch_size, seed, lambda rows: batch_of(examples, rows))
+    return finetune.EpochBatches(examples.lengths, batch_size, seed, lambda rows: batch_of(examples, rows))
 
 
 def batch_of(examples: Encoded, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,7 +400,7 @@ def classifier_from_checkpoint(payload: dict, path: Path) -> tuple[GPTClassifier
 
 def predict_texts(options: dict, config: Config) -> None:
     """--predict / --predict_file: the label and its probability for each text, one line each."""
-    path = checkpoint.resolve_checkpoint(ckpt=options["ckpt"], run="")
+    path = checkpoint.resolve_checkpoint(ckpt=options["ckpt"], run="", kinds=("classifier",))
     payload = checkpoint.load_checkpoint(path)
     classifier, info = classifier_from_checkpoint(payload, path)
     tokenizer = data.get_tokenizer(payload["tokenizer"])
@@ -428,59 +428,36 @@ def predict_texts(options: dict, config: Config) -> None:
 # Training
 
 
-def resolve_config(argv: list[str]) -> tuple[Config, dict, frozenset[str]]:
-    config, options, overridden = parse_args(argv, extra=OPTIONS, defaults={**DEFAULTS, "dataset": DEFAULT_DATASET})
-    finetune.check_shared_options(argv, config, options)
-    return config, options, overridden
+def resolve_config(argv: list[str]) -> ParsedArgs:
+    """The command line over DEFAULTS, checked (gptkit/finetune.py); classify's own options are checked where used."""
+    return finetune.parse(argv, OPTIONS, DEFAULTS, not_read={"fast_kernels": "classify.py runs model.py's plain path"})
 
 
 @dataclass
-class ClassifierRun:
-    """Everything a classification run holds while it trains; `state` is what changes every step."""
+class ClassifierTask:
+    """A classification run: the loop's Run (train.py), and what the task holds beside it."""
 
-    config: Config
+    run: Run
     options: dict
-    runtime: Runtime
-    run_dir: Path
     tokenizer: data.Tokenizer
     label_names: list[str]
     encoded: dict[str, Encoded]
     classifier: GPTClassifier
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    batches: finetune.EpochBatches
-    state: TrainState
     info: dict  # what a classifier checkpoint records about itself: labels, what trains, LoRA, the base model
-    metrics: runinfo.MetricsLog | None = None
-
-    @property
-    def model(self) -> GPTClassifier:  # what finetune.py's loop trains and saves
-        return self.classifier
-
-    def record(self) -> dict:
-        return {"tokenizer": self.tokenizer.to_dict(), "classifier": self.info, "options": self.options}
 
 
-def resolve_start(config: Config, options: dict, overridden: frozenset[str]) -> finetune.Start:
-    """A new run from a pretrained model, or (--resume) the run in --out_dir from its newest checkpoint."""
+def start_run(parsed: ParsedArgs, argv: list[str]) -> ClassifierTask:
+    """The data, the classifier with what trains, and the loop's Run around it: a new run from a pretrained model,
+    or (--resume) the run in --out_dir from its newest checkpoint."""
+    start = finetune.start(parsed, argv, kind="classifier", folder_prefix="classify", record_key="classifier")
+    config, options = start.config, start.options
     train = config.train
-    if not train.resume:
-        base = finetune.load_base(train.init_from)
-        config.model = base.model_config  # the checkpoint's sizes, whatever the preset said
+    tokenizer = data.get_tokenizer(start.tokenizer)
+    if start.saved is not None:
+        info = start.saved["classifier"]
+    else:
         info = {"trainable": parse_trainable(options["trainable"], config.model.n_layer),
-                "lora_rank": options["lora_rank"], "lora_alpha": options["lora_alpha"], "base": base.source}
-        run_dir = finetune.new_run_dir(train, "classify")
-        return finetune.Start(config, options, info, base.model, data.get_tokenizer(base.tokenizer), run_dir)
-    return finetune.resumed_start(train, overridden, "classifier", record_key="classifier")
-
-
-def start_run(config: Config, options: dict, overridden: frozenset[str]) -> ClassifierRun:
-    """The data, the classifier with what trains, the optimizer and the rest of the run, new or resumed."""
-    start = resolve_start(config, options, overridden)
-    config, options, info, tokenizer, run_dir, saved = (start.config, start.options, start.info, start.tokenizer,
-                                                        start.run_dir, start.saved)
-    gpt, source = start.gpt, info["base"]
-    train = config.train
+                "lora_rank": options["lora_rank"], "lora_alpha": options["lora_alpha"], "base": start.base.source}
     splits, label_names = load_examples(config.data.dataset, config.data.text_column, options["label_column"],
                                         options, config.data.val_fraction, train.seed)
     block_size = config.model.block_size
@@ -495,68 +472,62 @@ def start_run(config: Config, options: dict, overridden: frozenset[str]) -> Clas
     if runtime.distributed:
         raise UserError("classify.py runs in one process; start it with python, not torchrun")
     torch.manual_seed(train.seed)
-    classifier = GPTClassifier(gpt, len(label_names))
+    classifier = GPTClassifier(start.gpt, len(label_names))
     n_trainable = set_trainable(classifier, info["trainable"], info["lora_rank"], info["lora_alpha"])
     n_total = sum(p.numel() for p in classifier.parameters())
     what = f"adapters + head, LoRA rank {info['lora_rank']} alpha {info['lora_alpha']}" if info["lora_rank"] \
         else info["trainable"]
-    print(f"model: {source} + a {len(label_names)}-class head; trainable {what}: {n_trainable:,} of {n_total:,} "
-          f"parameters ({n_trainable / n_total:.2%})")
+    print(f"model: {info['base']} + a {len(label_names)}-class head; trainable {what}: {n_trainable:,} of "
+          f"{n_total:,} parameters ({n_trainable / n_total:.2%})")
     print(runtime.describe())
-    if saved is None:
-        steps_per_epoch = max(1, len(encoded["train"].labels) // train.batch_size)
-        if options["epochs"] or "max_iters" not in overridden:
-            train.max_iters = steps_per_epoch * (options["epochs"] or DEFAULT_EPOCHS)
+    finetune.set_max_iters(start, len(encoded["train"].labels), DEFAULT_EPOCHS)
     classifier.to(runtime.device)
-    optimizer = make_optimizer(classifier, train, runtime.device_type)
-    run = ClassifierRun(config, options, runtime, run_dir, tokenizer, label_names, encoded, classifier, optimizer,
-                        runtime.grad_scaler(), class_batches(encoded["train"], train.batch_size, train.seed),
-                        TrainState(), info)
-    finetune.begin(run, saved, "classifier", n_trainable)
-    steps_per_epoch = max(1, len(encoded["train"].labels) // train.batch_size)
-    print(f"training: {train.max_iters} steps of {train.batch_size} texts = {train.max_iters / steps_per_epoch:.1f} "
-          f"epochs, learning rate {train.learning_rate:g}")
-    return run
+
+    def record() -> dict:  # a classifier checkpoint's entries beside the loop's
+        return {"tokenizer": tokenizer.to_dict(), "classifier": info, "options": options}
+
+    run = start_fine_tuning(start, runtime, classifier, class_batches(encoded["train"], train.batch_size, train.seed),
+                            record, kind="classifier")
+    steps_per_epoch = finetune.steps_per_epoch(len(encoded["train"].labels), train)
+    print(f"training: {train.max_iters} steps of {train.batch_size * train.gradient_accumulation_steps} texts = "
+          f"{train.max_iters / steps_per_epoch:.1f} epochs, learning rate {train.learning_rate:g}")
+    return ClassifierTask(run, options, tokenizer, label_names, encoded, classifier, info)
 
 
-def evaluate(run: ClassifierRun) -> float:
-    """Validation loss and accuracy now; every eval saves a checkpoint, the lowest loss becomes best.pt."""
-    state, val = run.state, run.encoded["val"]
-    probs = predict_split(run.classifier, val, run.runtime, run.config.train.batch_size)
+def measure(task: ClassifierTask) -> Evaluation:
+    """Validation loss and accuracy now (train.py's evaluate keeps the best and saves)."""
+    val = task.encoded["val"]
+    probs = predict_split(task.classifier, val, task.run.runtime, task.run.config.train.batch_size)
     val_loss = F.nll_loss(probs.clamp_min(1e-12).log(), val.labels).item()
     val_accuracy = (probs.argmax(-1) == val.labels).float().mean().item()
-    improved = val_loss < state.best_val_loss
-    state.best_val_loss = min(state.best_val_loss, val_loss)
-    print(f"eval step {state.step}: val loss {val_loss:.4f}, val accuracy {val_accuracy:.2%}")
-    run.metrics.write({"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val_loss,
-                       "val_accuracy": val_accuracy, "elapsed_s": state.elapsed_s})
-    finetune.save(run, val_loss, improved)
-    return val_loss
+    return Evaluation(val_loss, f"val loss {val_loss:.4f}, val accuracy {val_accuracy:.2%}",
+                      {"val_accuracy": val_accuracy})
 
 
-def finish(run: ClassifierRun, before: dict[str, torch.Tensor] | None) -> None:
+def finish(task: ClassifierTask, before: dict[str, torch.Tensor] | None) -> None:
     """Accuracy after training against before and the majority class, the test split's scores and confusion
     matrix (printed and confusion.png), results.json, loss.png, and with --merge the merged checkpoint."""
-    state, names, run_dir = run.state, run.label_names, run.run_dir
+    run, names = task.run, task.label_names
+    state, run_dir = run.state, run.run_dir
     ms_per_step = state.elapsed_s / max(1, state.step) * 1e3
     print(f"trained {state.step} steps in {state.elapsed_s:.1f} s ({ms_per_step:.1f} ms per step)")
-    after = report_accuracies(run.classifier, run.encoded, run.runtime, run.config.train.batch_size, names,
+    after = report_accuracies(task.classifier, task.encoded, run.runtime, run.config.train.batch_size, names,
                               "after training", print)
     print(f"test split, after training:\n{describe_scores(after['test'], names)}")
     save_confusion_png(after["test"], names, run_dir / "confusion.png",
                        f"test split: {accuracy(after['test']):.1%} accuracy")
-    train_labels = run.encoded["train"].labels
+    train_labels = task.encoded["train"].labels
     results = {split: {"before": accuracy(before[split]) if before else None, "after": accuracy(after[split]),
-                       "majority": majority_accuracy(train_labels, run.encoded[split].labels)} for split in SPLITS}
+                       "majority": majority_accuracy(train_labels, task.encoded[split].labels)} for split in SPLITS}
     results["test_scores"] = dict(zip(names, per_class_scores(after["test"])))
     results["ms_per_step"] = ms_per_step
-    results["trainable_parameters"] = sum(p.numel() for p in run.classifier.parameters() if p.requires_grad)
+    results["trainable_parameters"] = sum(p.numel() for p in task.classifier.parameters() if p.requires_grad)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     runinfo.plot_run(run_dir)
-    if run.options["merge"] and run.info["lora_rank"]:
-        lora.merge_lora(run.classifier.gpt)
-        merged = {"config": run.config.to_dict(), "model": run.classifier.state_dict(),
-                  "tokenizer": run.tokenizer.to_dict(), "classifier": {**run.info, "lora_rank": 0},
+    if task.options["merge"] and task.info["lora_rank"]:
+        lora.merge_lora(task.classifier.gpt)
+        merged = {"config": run.config.to_dict(), "model": task.classifier.state_dict(),
+                  "tokenizer": task.tokenizer.to_dict(), "classifier": {**task.info, "lora_rank": 0},
                   "state": dataclasses.asdict(state)}
         checkpoint.save_checkpoint(run_dir / "merged.pt", merged)
         print(f"merged the adapters into the weights: {run_dir / 'merged.pt'}")
@@ -565,24 +536,23 @@ def finish(run: ClassifierRun, before: dict[str, torch.Tensor] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, options, overridden = resolve_config(sys.argv[1:] if argv is None else argv)
-    if options["predict"] or options["predict_file"]:
-        predict_texts(options, config)
+    argv = sys.argv[1:] if argv is None else argv
+    parsed = resolve_config(argv)
+    if parsed.options["predict"] or parsed.options["predict_file"]:
+        predict_texts(parsed.options, parsed.config)
         return
-    run = start_run(config, options, overridden)
+    task = start_run(parsed, argv)
+    run = task.run
     before = None
     if run.state.step == 0:
-        before = report_accuracies(run.classifier, run.encoded, run.runtime, run.config.train.batch_size,
-                                   run.label_names, "before training", print)
+        before = report_accuracies(task.classifier, task.encoded, run.runtime, run.config.train.batch_size,
+                                   task.label_names, "before training", print)
     stop = StopRequest()
     stop.install()
-    finetune.train_loop(run, stop, evaluate=lambda: evaluate(run))
-    evaluate(run)
-    if stop.requested:
-        print(f"{stop.signal_name}: saved {run.run_dir / 'last.pt'} at step {run.state.step}; continue with "
-              f"python classify.py --resume --out_dir={run.run_dir}")
-        return
-    finish(run, before)
+    stopped_early = train_loop(run, stop, measure=lambda: measure(task))
+    if end_of_training(run, stop, stopped_early, lambda: measure(task),
+                       f"python classify.py --resume --out_dir={run.run_dir}"):
+        finish(task, before)
 
 
 if __name__ == "__main__":

@@ -303,6 +303,7 @@ class Batches:
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.epochs = EpochSampler(len(tokens), block_size, seed) if train.sampling == "epoch" else None
+        self.tokens_served = 0  # by this process, since it started: the loop's tokens_seen adds up the difference
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         global_batch = self.batch_size * self.world_size
@@ -311,6 +312,7 @@ class Batches:
         else:
             starts = self.epochs.next_starts(global_batch)
         mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        self.tokens_served += len(mine) * self.block_size
         return batch_from_starts(self.tokens, mine, self.block_size)
 
     def state_dict(self) -> dict:

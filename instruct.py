@@ -8,9 +8,9 @@ answers to the test entries and, optionally, have a larger local model score the
     python generate.py --ckpt=checkpoints/<instruct-run>/best.pt --instruction="Rewrite in passive voice" \\
         --input="The cat ate the fish."
 
-Read in order: the prompt styles (how an entry becomes text), the data (files, `hf:`, the offline default), the
+Read in order: the data (files, `hf:`, the offline default; the prompt styles are gptkit/prompts.py's), the
 batches (padded per batch, the loss kept off padding and, with --mask_prompt, off the prompt), the responses and
-the judge, and the run, whose loop and checkpoints are finetune.py's (train.py's step inside).
+the judge, and the run: it starts as classify.py's does (gptkit/finetune.py) and trains in train.py's loop.
 """
 
 from __future__ import annotations
@@ -27,16 +27,15 @@ from pathlib import Path
 import torch
 
 import data
-import finetune
 import generate
 import lora
-from config import Config, ConfigError, UserError, error_summary
-from gptkit import fast, prompts, runinfo, sources
-from gptkit.cli import parse_args, parse_bool, run_cli
+from config import ConfigError, UserError, error_summary
+from gptkit import fast, finetune, prompts, runinfo, sources
+from gptkit.cli import ParsedArgs, parse_bool, run_cli
 from gptkit.prompts import format_prompt
 from gptkit.runtime import Runtime, StopRequest, setup_runtime
 from model import GPT
-from train import TrainState, make_optimizer, perplexity
+from train import Evaluation, Run, end_of_training, perplexity, start_fine_tuning, train_loop
 
 OPTIONS = {
     "prompt_style": "auto",  # alpaca (the book's) or chat; auto: chat for messages conversations, else alpaca
@@ -57,7 +56,7 @@ DEFAULT_EPOCHS = 2  # the book's
 # The book's settings (AdamW at 5e-5, weight decay 0.1, batch 8) where the command line gives none, but with the
 # learning rate measured on the offline default (README): a small model pretrained briefly needs larger steps.
 DEFAULTS = {"batch_size": 8, "learning_rate": 2e-3, "min_lr": 2e-4, "weight_decay": 0.1, "warmup_iters": 20,
-            "eval_interval": 100, "log_interval": 20, "val_fraction": 0.1,
+            "eval_interval": 100, "log_interval": 20, "val_fraction": 0.1, "dataset": DEFAULT_DATASET,
             "optimizer": "adamw", "lr_schedule": "cosine"}  # the book's AdamW and cosine, whatever the preset says
 SPLITS = ("train", "val", "test")
 PROMPT_STYLES = ("auto", *prompts.PROMPT_STYLES)
@@ -306,7 +305,8 @@ def batches_for(encoded: Encoded, batch_size: int, seed: int, end_token: int,
     def make_batch(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = rows.tolist()
         return collate([encoded.ids[r] for r in rows], [encoded.kinds[r] for r in rows], end_token, mask_prompt)
-    return finetune.EpochBatches(len(encoded.ids), batch_size, seed, make_batch)
+    real_tokens = torch.tensor([len(ids) - 1 for ids in encoded.ids])  # the inputs of each row, not its padding
+    return finetune.EpochBatches(real_tokens, batch_size, seed, make_batch)
 
 
 @torch.no_grad()
@@ -413,62 +413,48 @@ def judge_responses(responses: list[dict], url: str, model: str) -> dict:
 
 
 @dataclass
-class InstructRun:
-    """Everything an instruction-tuning run holds while it trains; the loop is finetune.py's."""
+class InstructTask:
+    """An instruction-tuning run: the loop's Run (train.py), and what the task holds beside it."""
 
-    config: Config
+    run: Run
     options: dict
-    runtime: Runtime
-    run_dir: Path
     tokenizer: data.Tokenizer
     splits: dict[str, list[Entry]]
     encoded: dict[str, Encoded]
     model: GPT
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    batches: finetune.EpochBatches
-    state: TrainState
     info: dict  # what the checkpoint records: the prompt style, the base model, LoRA, the data set
-    metrics: runinfo.MetricsLog | None = None
-
-    def record(self) -> dict:
-        return {"tokenizer": self.tokenizer.to_dict(), "instruct": self.info, "options": self.options}
 
 
-def resolve_config(argv: list[str]) -> tuple[Config, dict, frozenset[str]]:
-    config, options, overridden = parse_args(argv, extra=OPTIONS, defaults={**DEFAULTS, "dataset": DEFAULT_DATASET})
+def resolve_config(argv: list[str]) -> ParsedArgs:
+    """The command line over DEFAULTS, checked: the shared options (gptkit/finetune.py), then instruct's own."""
+    parsed = finetune.parse(argv, OPTIONS, DEFAULTS, not_read={
+        "text_column": "instruct.py reads --instruction_column, --input_column and --output_column"})
+    options = parsed.options
     if options["prompt_style"] not in PROMPT_STYLES:
         raise ConfigError(f"prompt_style={options['prompt_style']!r} is not one of {', '.join(PROMPT_STYLES)}")
     options["mask_prompt"] = parse_bool("mask_prompt", options["mask_prompt"])
-    finetune.check_shared_options(argv, config, options)
     if options["max_new_tokens"] < 1:
         raise ConfigError(f"max_new_tokens={options['max_new_tokens']} must be 1 or more")
     if options["judge_url"] and not options["judge_url"].startswith(("http://", "https://")):
         raise ConfigError(f"judge_url={options['judge_url']!r} is not an http:// or https:// URL; e.g. "
                           "--judge_url=http://localhost:11434 for a local Ollama")
-    return config, options, overridden
+    return parsed
 
 
-def resolve_start(config: Config, options: dict, overridden: frozenset[str]) -> finetune.Start:
-    """A new run from a pretrained model, or (--resume) the run in --out_dir from its newest checkpoint."""
+def start_run(parsed: ParsedArgs, argv: list[str]) -> InstructTask:
+    """The data, the model with what trains, and the loop's Run around it: a new run from a pretrained model, or
+    (--resume) the run in --out_dir from its newest checkpoint."""
+    start = finetune.start(parsed, argv, kind="instruct", folder_prefix="instruct", record_key="instruct",
+                           options_a_resume_may_change=("max_new_tokens", "judge_url", "judge_model"))
+    config, options, model = start.config, start.options, start.gpt
     train = config.train
-    if not train.resume:
-        base = finetune.load_base(train.init_from)
-        config.model = base.model_config  # the checkpoint's sizes, whatever the preset said
+    tokenizer = data.get_tokenizer(start.tokenizer)
+    if start.saved is not None:
+        info = start.saved["instruct"]
+    else:
         info = {"prompt_style": options["prompt_style"], "mask_prompt": options["mask_prompt"],
-                "lora_rank": options["lora_rank"], "lora_alpha": options["lora_alpha"], "base": base.source,
+                "lora_rank": options["lora_rank"], "lora_alpha": options["lora_alpha"], "base": start.base.source,
                 "dataset": config.data.dataset}
-        return finetune.Start(config, options, info, base.model, data.get_tokenizer(base.tokenizer),
-                              finetune.new_run_dir(train, "instruct"))
-    return finetune.resumed_start(train, overridden, "instruct", record_key="instruct")
-
-
-def start_run(config: Config, options: dict, overridden: frozenset[str]) -> InstructRun:
-    """The data, the model with what trains, the optimizer and the rest of the run, new or resumed."""
-    start = resolve_start(config, options, overridden)
-    config, options, info, model, tokenizer, run_dir, saved = (start.config, start.options, start.info, start.gpt,
-                                                               start.tokenizer, start.run_dir, start.saved)
-    train = config.train
     if tokenizer.eot_token is None:
         raise UserError(f"{info['base']} uses the {tokenizer.name} tokenizer, which has no end-of-text token to end a "
                         "response with; pretrain with --tokenizer=gpt2 (the default), or use --init_from=gpt2")
@@ -498,69 +484,63 @@ def start_run(config: Config, options: dict, overridden: frozenset[str]) -> Inst
           + f"; prompt style {info['prompt_style']}, loss on "
           + ("the response only" if info["mask_prompt"] else "prompt and response"))
     print(runtime.describe())
-    steps_per_epoch = max(1, len(encoded["train"].ids) // train.batch_size)
-    if saved is None and (options["epochs"] or "max_iters" not in overridden):
-        train.max_iters = steps_per_epoch * (options["epochs"] or DEFAULT_EPOCHS)
+    finetune.set_max_iters(start, len(encoded["train"].ids), DEFAULT_EPOCHS)
     model.to(runtime.device)
     print(fast.use_fast_kernels(model, train.fast_kernels, runtime.device_type, compiled=False))
-    optimizer = make_optimizer(model, train, runtime.device_type)
     batches = batches_for(encoded["train"], train.batch_size, train.seed, tokenizer.eot_token, info["mask_prompt"])
-    run = InstructRun(config, options, runtime, run_dir, tokenizer, splits, encoded, model, optimizer,
-                      runtime.grad_scaler(), batches, TrainState(), info)
-    finetune.begin(run, saved, "instruct", n_trainable)
-    print(f"training: {train.max_iters} steps of {train.batch_size} entries = "
+
+    def record() -> dict:  # an instruct checkpoint's entries beside the loop's (generate.py reads the prompt style)
+        return {"tokenizer": tokenizer.to_dict(), "instruct": info, "options": options}
+
+    run = start_fine_tuning(start, runtime, model, batches, record, kind="instruct")
+    steps_per_epoch = finetune.steps_per_epoch(len(encoded["train"].ids), train)
+    print(f"training: {train.max_iters} steps of {train.batch_size * train.gradient_accumulation_steps} entries = "
           f"{train.max_iters / steps_per_epoch:.1f} epochs, learning rate {train.learning_rate:g}")
-    return run
+    return InstructTask(run, options, tokenizer, splits, encoded, model, info)
 
 
-def val_loss_now(run: InstructRun) -> float:
-    return response_loss(run.model, run.encoded["val"], run.runtime, run.config.train.batch_size,
-                         run.tokenizer.eot_token)
+def val_loss_now(task: InstructTask) -> float:
+    return response_loss(task.model, task.encoded["val"], task.run.runtime, task.run.config.train.batch_size,
+                         task.tokenizer.eot_token)
 
 
-def evaluate(run: InstructRun) -> float:
-    """The validation response loss now; every eval saves a checkpoint, the lowest loss becomes best.pt."""
-    state = run.state
-    val_loss = val_loss_now(run)
-    improved = val_loss < state.best_val_loss
-    state.best_val_loss = min(state.best_val_loss, val_loss)
-    print(f"eval step {state.step}: val response loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}")
-    run.metrics.write({"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val_loss,
-                       "val_perplexity": perplexity(val_loss), "elapsed_s": state.elapsed_s})
-    finetune.save(run, val_loss, improved)
-    return val_loss
+def measure(task: InstructTask) -> Evaluation:
+    """The validation response loss now (train.py's evaluate keeps the best and saves)."""
+    val_loss = val_loss_now(task)
+    return Evaluation(val_loss, f"val response loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}",
+                      {"val_perplexity": perplexity(val_loss)})
 
 
-def finish(run: InstructRun, val_before: float | None, val_after: float) -> None:
+def finish(task: InstructTask, val_before: float | None, val_after: float) -> None:
     """responses.json (every test entry answered), the judge's mean score when asked, results.json, loss.png."""
-    state, style, run_dir = run.state, run.info["prompt_style"], run.run_dir
+    run, style, options = task.run, task.info["prompt_style"], task.options
+    state, run_dir = run.state, run.run_dir
     ms_per_step = state.elapsed_s / max(1, state.step) * 1e3
     print(f"trained {state.step} steps in {state.elapsed_s:.1f} s ({ms_per_step:.1f} ms per step)")
-    run.model.eval()
+    task.model.eval()
     from tqdm import tqdm
     responses = [{"instruction": e.instruction, "input": e.input, "reference": e.output,
-                  "response": respond(run.model, run.tokenizer, style, e, run.options["max_new_tokens"])}
-                 for e in tqdm(run.splits["test"], desc="test responses", unit="entry", disable=None,
+                  "response": respond(task.model, task.tokenizer, style, e, options["max_new_tokens"])}
+                 for e in tqdm(task.splits["test"], desc="test responses", unit="entry", disable=None,
                                file=sys.stderr)]
     (run_dir / "responses.json").write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n")
     results = {"val_response_loss": {"before": val_before, "after": val_after},
                "val_perplexity": {"before": perplexity(val_before) if val_before is not None else None,
                                   "after": perplexity(val_after)},
-               "test_response_loss": response_loss(run.model, run.encoded["test"], run.runtime,
-                                                   run.config.train.batch_size, run.tokenizer.eot_token),
+               "test_response_loss": response_loss(task.model, task.encoded["test"], run.runtime,
+                                                   run.config.train.batch_size, task.tokenizer.eot_token),
                "ms_per_step": ms_per_step, "steps": state.step, "test_entries": len(responses)}
-    if run.options["judge_url"]:
-        results["judge"] = judge_responses(responses, run.options["judge_url"], run.options["judge_model"])
+    if options["judge_url"]:
+        results["judge"] = judge_responses(responses, options["judge_url"], options["judge_model"])
         (run_dir / "responses.json").write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n")
         if results["judge"].get("mean_score") is not None:
-            print(f"judge {run.options['judge_model']}: mean score {results['judge']['mean_score']:.1f} of 100 over "
+            print(f"judge {options['judge_model']}: mean score {results['judge']['mean_score']:.1f} of 100 over "
                   f"{results['judge']['scored']} responses")
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     runinfo.plot_run(run_dir)
-    for example in responses[:3]:
-        print(f"\n### Instruction: {example['instruction']}" + (f"\n### Input: {example['input']}"
-                                                               if example["input"] else "")
-              + f"\n### Reference: {example['reference']}\n### Model: {example['response']}")
+    for example in responses[:3]:  # plain labels: the run's own prompt style may be alpaca's or chat's
+        print(f"\ninstruction: {example['instruction']}" + (f"\ninput: {example['input']}" if example["input"] else "")
+              + f"\nreference: {example['reference']}\nmodel: {example['response']}")
     before = f"{val_before:.4f} -> " if val_before is not None else ""
     print(f"\ndone: val response loss {before}{val_after:.4f}, test {results['test_response_loss']:.4f}; "
           f"{run_dir}/responses.json, loss.png; ask it with python generate.py --ckpt={run_dir} "
@@ -568,21 +548,19 @@ def finish(run: InstructRun, val_before: float | None, val_after: float) -> None
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, options, overridden = resolve_config(sys.argv[1:] if argv is None else argv)
-    run = start_run(config, options, overridden)
+    argv = sys.argv[1:] if argv is None else argv
+    task = start_run(resolve_config(argv), argv)
+    run = task.run
     val_before = None
     if run.state.step == 0:
-        val_before = val_loss_now(run)
+        val_before = val_loss_now(task)
         print(f"before training: val response loss {val_before:.4f}, perplexity {perplexity(val_before):.2f}")
     stop = StopRequest()
     stop.install()
-    finetune.train_loop(run, stop, evaluate=lambda: evaluate(run))
-    val_after = evaluate(run)
-    if stop.requested:
-        print(f"{stop.signal_name}: saved {run.run_dir / 'last.pt'} at step {run.state.step}; continue with "
-              f"python instruct.py --resume --out_dir={run.run_dir}")
-        return
-    finish(run, val_before, val_after)
+    stopped_early = train_loop(run, stop, measure=lambda: measure(task))
+    if end_of_training(run, stop, stopped_early, lambda: measure(task),
+                       f"python instruct.py --resume --out_dir={run.run_dir}"):
+        finish(task, val_before, run.last_val_loss)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,6 @@ OPTIONS = {
 }
 USAGE = f"python tour.py {'|'.join(DEMOS)} [TEXT] [--key=value ...]"
 PICTURES = Path("runs/tour")  # under runs/, which git ignores, so a demonstration leaves the checkout clean
-# manifest.json "kind" of classify.py's runs: a class head instead of next-token logits, no language model to show
-NOT_LANGUAGE_MODELS = ("classifier",)
 
 
 def show_tokens(text: str) -> None:
@@ -109,7 +107,7 @@ def attention_model(prompt: str, ckpt: str = "", run: str = "") -> tuple[GPT, da
         loaded = loading.load_model(ckpt=ckpt, run=run)  # the user's choice: a problem with it is an error
     else:
         try:
-            loaded = loading.load_model(ckpt=str(checkpoint.latest_run(exclude_kinds=NOT_LANGUAGE_MODELS)))
+            loaded = loading.load_model(ckpt=str(checkpoint.latest_run(exclude_kinds=loading.NOT_LANGUAGE_MODELS)))
         except UserError as err:
             return random_attention_model(prompt, f"no language-model run to load ({error_summary(err)})")
     model, tokenizer = loaded.model.eval(), data.get_tokenizer(loaded.tokenizer)

@@ -1,11 +1,14 @@
-"""Train a GPT: mixed precision, warmup + cosine schedule, periodic evaluation, and checkpoints that never lose a run.
+"""Train a GPT: mixed precision, a warmup then a cosine or wsd decay, periodic evaluation, and checkpoints that
+never lose a run. The loop here is also the one the fine-tuning scripts run (classify.py, instruct.py).
 
     python train.py                                  # defaults: tiny on a CPU, small on a GPU
     python train.py --preset=tiny --max_iters=200 --dataset=shakespeare
-    python train.py --resume                         # continue the latest run exactly where it stopped
+    python train.py --resume                         # continue the latest pretraining run exactly where it stopped
     torchrun --standalone --nproc_per_node=2 train.py --preset=tiny   # DDP
 
 main() reads as the phases of a run: resolve the run, its data, the model and optimizer, the loop, the finish.
+The loop (train_loop), its evaluate-and-checkpoint (evaluate, save) and restore work on a Run, whatever it trains;
+a task passes what differs: `measure` (its validation) and `record` (its entries in the checkpoint).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +29,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data
-from config import Config, ConfigError, ModelConfig, TrainConfig, UserError
+from config import Config, ConfigError, TrainConfig, UserError
 from data import Batches
-from gptkit import checkpoint, fast, loading, runinfo
-from gptkit.cli import parse_args, run_cli
+from gptkit import checkpoint, fast, finetune, loading, runinfo
+from gptkit.cli import merge_resume_config, parse_args, run_cli
 from gptkit.optimizers import MuonWithAdamW, make_optimizer, set_learning_rate, set_muon_momentum
 from gptkit.runtime import Runtime, StopRequest, explain_lost_ranks, measure_matmul_peak, setup_runtime, stop_agreed
 from model import GPT, count_parameters, flops_per_token
@@ -190,14 +193,18 @@ class RunRequest:
     run_dir: Path | None  # known now only when resuming
     pretrained: GPT | None  # the weights being fine-tuned (--init_from)
     tokenizer: dict | None = None  # the resumed or fine-tuned weights' tokenizer: a bpe:N one encodes the data
+    preset_chosen: bool = False  # --preset was given (parse_args keeps the preset out of `overridden`)
 
 
 def resolve_run(argv: list[str]) -> RunRequest:
     parsed = parse_args(argv)
     config, overridden = parsed.config, parsed.overridden
+    preset_chosen = any(arg.partition("=")[0] == "--preset" for arg in argv)
     resume_from, run_dir, pretrained, tokenizer = None, None, None, None
     if config.train.resume:
-        run_dir = Path(config.train.out_dir) if config.train.out_dir else checkpoint.latest_run()
+        # without --out_dir, the latest run this script wrote: `make classify` may have written a newer one since
+        run_dir = Path(config.train.out_dir) if config.train.out_dir else \
+            checkpoint.latest_run(kinds=(checkpoint.PRETRAIN_KIND,))
         if not run_dir.is_dir():
             raise UserError(f"--resume: no run folder {run_dir}; see the runs under {checkpoint.CHECKPOINTS_ROOT}/")
         for stale in checkpoint.clean_stale_temp_files(run_dir):
@@ -213,27 +220,7 @@ def resolve_run(argv: list[str]) -> RunRequest:
         pretrained, config.model, tokenizer = loaded.model, loaded.model_config, loaded.tokenizer
         if "tokenizer" not in overridden:
             config.data.tokenizer = loaded.tokenizer["name"]
-    return RunRequest(config, overridden, resume_from, run_dir, pretrained, tokenizer)
-
-
-def merge_resume_config(saved: Config, parsed: Config, overridden: frozenset[str]) -> Config:
-    """The saved run's config, with the user's explicit overrides on top (e.g. more max_iters) where they are safe."""
-    fixed = {f.name for f in dataclasses.fields(ModelConfig)} - {"dropout"}
-    fixed |= {"tokenizer", "dataset", "data_dir", "batch_size", "gradient_accumulation_steps", "sampling", "seed",
-              "optimizer"}  # a checkpoint's optimizer state fits only the optimizer that wrote it
-    for key in sorted(overridden):
-        if key in ("resume", "out_dir", "run_name"):
-            continue
-        section = next(s for s in (parsed.model, parsed.train, parsed.data) if hasattr(s, key))
-        new = getattr(section, key)
-        target = next(s for s in (saved.model, saved.train, saved.data) if hasattr(s, key))
-        old = getattr(target, key)
-        if key in fixed and new != old:
-            raise ConfigError(f"--{key}={new} contradicts the run being resumed ({key}={old}); "
-                              "drop the override or start a new run with another --out_dir")
-        setattr(target, key, new)
-    saved.train.resume = True
-    return saved.validate()
+    return RunRequest(config, overridden, resume_from, run_dir, pretrained, tokenizer, preset_chosen)
 
 
 def resolve_global_batch(train: TrainConfig, world_size: int, overridden: frozenset[str]) -> None:
@@ -266,9 +253,7 @@ def new_run_dir(config: Config, dataset_name: str, runtime: Runtime) -> Path:
         shared = [str(run_dir)]
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
-    if any((run_dir / name).exists() for name in ("last.pt", "best.pt")) or checkpoint.step_checkpoints(run_dir):
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume --out_dir={run_dir}, "
-                        "or pick another --out_dir/--run_name")
+    checkpoint.refuse_existing_run(run_dir)
     return run_dir
 
 
@@ -319,57 +304,81 @@ def prepare_data(run: RunRequest, runtime: Runtime) -> TrainData:
 
 
 @dataclass
-class Training:
-    """Everything a run holds while it trains; `state` is the part of it that changes every step."""
+class Run:
+    """Everything the loop and its checkpoints touch, in pretraining and fine-tuning alike; `state` is the part of
+    it that changes every step, and exactly what a checkpoint saves about the loop."""
 
     config: Config
     runtime: Runtime
     run_dir: Path
-    data: TrainData
     model: torch.nn.Module  # what the loop calls: maybe compiled, maybe wrapped in DDP
-    raw_model: GPT  # the weights themselves, as checkpoints save them
-    local_model: torch.nn.Module  # compiled but never DDP-wrapped: evaluation has no collectives
-    optimizer: torch.optim.Optimizer | MuonWithAdamW  # AdamW, or Muon beside AdamW (optimizers.py)
+    raw_model: torch.nn.Module  # the weights themselves, as checkpoints save them (a GPT, or classify.py's classifier)
+    optimizer: torch.optim.Optimizer | MuonWithAdamW  # AdamW, or Muon beside AdamW (gptkit/optimizers.py)
     scaler: torch.amp.GradScaler
-    batches: Batches
-    state: TrainState
-    log: Callable[..., None]
+    batches: Batches | finetune.EpochBatches  # next() -> (x, y); tokens_served; state_dict(), load_state_dict()
+    record: Callable[[], dict]  # the checkpoint's entries beside the loop's: the tokenizer, the data, the task's own
+    state: TrainState = field(default_factory=TrainState)
+    log: Callable[..., None] = print
+    metrics: runinfo.MetricsLog | None = None
+    peak_flops: float = math.nan  # this machine's measured matmul FLOP/s, the denominator of MFU (pretraining's)
+    last_val_loss: float = math.nan  # the latest evaluation's
+
+
+@dataclass
+class Evaluation:
+    """What a task's `measure` found: the validation loss (which picks best.pt and counts for --patience), the rest of
+    the line printed after "eval step N: ", and more numbers for metrics.jsonl (val_accuracy, ...)."""
+
+    val_loss: float
+    summary: str
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Training:
+    """Pretraining's run: the loop's Run, and what only pretraining has (token files, evaluation without DDP)."""
+
+    run: Run
+    data: TrainData
+    local_model: torch.nn.Module  # compiled but never DDP-wrapped: evaluation has no collectives
     compiled: bool = False
     fast_kernels: str = ""  # fast.py's line saying whether its paths run
-    peak_flops: float = math.nan  # this machine's measured matmul FLOP/s, the denominator of MFU
-    metrics: runinfo.MetricsLog | None = None
     baseline: float = math.nan  # the unigram loss, the bar to beat
 
     @property
     def tokens_per_step(self) -> int:
-        train = self.config.train
-        return train.batch_size * self.config.model.block_size * train.gradient_accumulation_steps * \
-            self.runtime.world_size
+        train = self.run.config.train
+        return train.batch_size * self.run.config.model.block_size * train.gradient_accumulation_steps * \
+            self.run.runtime.world_size
 
 
-def build_training(run: RunRequest, runtime: Runtime, train_data: TrainData, run_dir: Path, log) -> Training:
-    config = run.config
+def build_training(request: RunRequest, runtime: Runtime, train_data: TrainData, run_dir: Path, log) -> Training:
+    config = request.config
     checkpoint.seed_everything(config.train.seed + runtime.rank)
-    raw_model = (run.pretrained if run.pretrained is not None else GPT(config.model)).to(runtime.device)
-    if config.train.zero_init_proj and run.pretrained is None and run.resume_from is None:
+    raw_model = (request.pretrained if request.pretrained is not None else GPT(config.model)).to(runtime.device)
+    if config.train.zero_init_proj and request.pretrained is None and request.resume_from is None:
         zero_output_projections(raw_model)
     optimizer = make_optimizer(raw_model, config.train, runtime.device_type)
-    scaler = runtime.grad_scaler()
     batches = Batches(train_data.train_tokens, config.train, config.model.block_size, seed=config.train.seed,
                       rank=runtime.rank, world_size=runtime.world_size)
-    state = TrainState()
-    if run.resume_from is not None:
-        state = resume(run.resume_from, raw_model, optimizer, scaler, batches, runtime, config, log, run_dir)
+
+    def record() -> dict:  # a checkpoint's entries beside the loop's: what turns its tokens into text, and its data
+        return {"tokenizer": train_data.tokenizer.to_dict(),
+                "dataset": {"name": train_data.meta.get("dataset"), "text_sha256": train_data.meta.get("text_sha256")}}
+
+    run = Run(config, runtime, run_dir, raw_model, raw_model, optimizer, runtime.grad_scaler(), batches, record,
+              log=log)
+    if request.resume_from is not None:
+        restore(run, request.resume_from)
 
     compile_model = config.train.compile if config.train.compile is not None else runtime.device_type == "cuda"
     fast_kernels = fast.use_fast_kernels(raw_model, config.train.fast_kernels, runtime.device_type, compile_model)
-    model = torch.compile(raw_model) if compile_model else raw_model
-    local_model = model
+    local_model = torch.compile(raw_model) if compile_model else raw_model
+    run.model = local_model
     if runtime.distributed:
         device_ids = [runtime.local_rank] if runtime.device_type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids)
-    return Training(config, runtime, run_dir, train_data, model, raw_model, local_model, optimizer, scaler, batches,
-                    state, log, compile_model, fast_kernels)
+        run.model = DistributedDataParallel(local_model, device_ids=device_ids)
+    return Training(run, train_data, local_model, compile_model, fast_kernels)
 
 
 def zero_output_projections(model: GPT) -> None:
@@ -390,223 +399,270 @@ def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
         scaler.load_state_dict(saved)
 
 
-def resume(saved: dict, model: GPT, optimizer, scaler, batches: Batches, runtime: Runtime, config: Config,
-           log, run_dir: Path) -> TrainState:
-    """Load a checkpoint's weights, optimizer, scaler, data position and RNGs; return its loop state."""
-    model.load_state_dict(checkpoint.strip_wrapper_prefixes(saved["model"]))
-    optimizer.load_state_dict(saved["optimizer"])
-    restore_scaler(scaler, saved["scaler"])
-    state = TrainState(**saved["state"])
-    batches.load_state_dict(saved["batches"][0])  # one shared stream, whatever the number of processes
-    checkpoint.restore_rank_rng(saved, runtime.rank, config.train.seed, state.step)
-    log(f"resuming {run_dir} at step {state.step}")
+def restore(run: Run, saved: dict) -> None:
+    """Load a checkpoint's weights, optimizer, scaler, loop state, data position and RNGs: the run goes on exactly."""
+    run.raw_model.load_state_dict(checkpoint.strip_wrapper_prefixes(saved["model"]))
+    run.optimizer.load_state_dict(saved["optimizer"])
+    restore_scaler(run.scaler, saved["scaler"])
+    run.state = TrainState(**saved["state"])
+    run.batches.load_state_dict(saved["batches"][0])  # one shared stream, whatever the number of processes
+    checkpoint.restore_rank_rng(saved, run.runtime.rank, run.config.train.seed, run.state.step)
+    run.log(f"resuming {run.run_dir} at step {run.state.step}")
     saved_world_size = saved.get("world_size", 1)
-    if saved_world_size != runtime.world_size:
-        log(f"note: the run was saved by {saved_world_size} process(es) and continues on {runtime.world_size}: "
-            "the data stream continues where it stopped; the global batch stays the same only with "
-            "--global_batch_size (see README, Multi-GPU and multi-node)")
-    return state
+    if saved_world_size != run.runtime.world_size:
+        run.log(f"note: the run was saved by {saved_world_size} process(es) and continues on "
+                f"{run.runtime.world_size}: the data stream continues where it stopped; the global batch stays the "
+                "same only with --global_batch_size (see README, Multi-GPU and multi-node)")
+
+
+def start_fine_tuning(start: finetune.Start, runtime: Runtime, model: torch.nn.Module, batches: finetune.EpochBatches,
+                      record: Callable[[], dict], kind: str) -> Run:
+    """The Run of a fine-tuning script around its model (on the device) and batches: an optimizer for what trains,
+    then either the checkpoint it continues restored, or manifest.json written for a new run (what it is, from what
+    code and packages). metrics.jsonl is opened for appending either way."""
+    config = start.config
+    optimizer = make_optimizer(model, config.train, runtime.device_type)
+    run = Run(config, runtime, start.run_dir, model, model, optimizer, runtime.grad_scaler(), batches, record)
+    if start.saved is not None:
+        restore(run, start.saved)
+    else:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {"kind": kind, "git_commit": runinfo.git_commit(), "config": config.to_dict(), **record(),
+                    "packages": runinfo.package_versions(),
+                    "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        (run.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    run.metrics = runinfo.MetricsLog(run.run_dir, config.train.tensorboard)
+    return run
 
 
 def describe_start(t: Training) -> None:
     """Say what is about to run, measure the peak and the baseline, and write the run's manifest.json."""
-    config, runtime, train = t.config, t.runtime, t.config.train
-    d = t.data
-    t.peak_flops = measure_matmul_peak(runtime.device, runtime.dtype) * runtime.world_size
+    run, d = t.run, t.data
+    config, runtime, train = run.config, run.runtime, run.config.train
+    run.peak_flops = measure_matmul_peak(runtime.device, runtime.dtype) * runtime.world_size
     epochs = train.max_iters * t.tokens_per_step / len(d.train_tokens)
-    t.log(config.describe())
-    t.log(runtime.describe())
-    t.log(f"model: {count_parameters(config.model) / 1e6:.2f}M parameters, "
-          f"{flops_per_token(config.model) / 1e6:.1f} MFLOP per token; compile: {t.compiled}")
-    t.log(t.fast_kernels)
-    t.log(f"batch: {train.batch_size} x {config.model.block_size} tokens x {train.gradient_accumulation_steps} "
-          f"accumulation x {runtime.world_size} processes = {t.tokens_per_step:,} tokens per step "
-          f"(global batch {train.batch_size * train.gradient_accumulation_steps * runtime.world_size} sequences)")
-    t.log(f"data: {d.data_dir} ({len(d.train_tokens):,} train tokens, {len(d.val_tokens):,} val tokens, "
-          f"tokenizer {d.tokenizer.name}); {train.max_iters} steps = {epochs:.2f} epochs")
+    run.log(config.describe())
+    run.log(runtime.describe())
+    run.log(f"model: {count_parameters(config.model) / 1e6:.2f}M parameters, "
+            f"{flops_per_token(config.model) / 1e6:.1f} MFLOP per token; compile: {t.compiled}")
+    run.log(t.fast_kernels)
+    run.log(f"batch: {train.batch_size} x {config.model.block_size} tokens x {train.gradient_accumulation_steps} "
+            f"accumulation x {runtime.world_size} processes = {t.tokens_per_step:,} tokens per step "
+            f"(global batch {train.batch_size * train.gradient_accumulation_steps * runtime.world_size} sequences)")
+    run.log(f"data: {d.data_dir} ({len(d.train_tokens):,} train tokens, {len(d.val_tokens):,} val tokens, "
+            f"tokenizer {d.tokenizer.name}); {train.max_iters} steps = {epochs:.2f} epochs")
     t.baseline = unigram_loss(d.train_tokens, d.val_tokens, config.model.vocab_size)
-    t.log(f"baseline: predicting the unigram distribution of the train tokens gives val loss {t.baseline:.4f}")
+    run.log(f"baseline: predicting the unigram distribution of the train tokens gives val loss {t.baseline:.4f}")
     if runtime.is_main:
-        t.run_dir.mkdir(parents=True, exist_ok=True)
-        manifest = {"run_dir": str(t.run_dir), "git_commit": runinfo.git_commit(), "config": config.to_dict(),
-                    "packages": runinfo.package_versions(), "device": str(runtime.device),
-                    "dtype": str(runtime.dtype), "world_size": runtime.world_size,
-                    "matmul_peak_flops": t.peak_flops, "parameters": count_parameters(config.model),
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {"kind": checkpoint.PRETRAIN_KIND, "run_dir": str(run.run_dir), "git_commit": runinfo.git_commit(),
+                    "config": config.to_dict(), "packages": runinfo.package_versions(),
+                    "device": str(runtime.device), "dtype": str(runtime.dtype), "world_size": runtime.world_size,
+                    "matmul_peak_flops": run.peak_flops, "parameters": count_parameters(config.model),
                     "tokens_per_step": t.tokens_per_step, "unigram_val_loss": t.baseline,
                     "data": {"dir": str(d.data_dir), "text_sha256": d.meta.get("text_sha256"),
                              "source": d.meta.get("source")}}
-        (t.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        t.metrics = runinfo.MetricsLog(t.run_dir, train.tensorboard)
+        (run.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        run.metrics = runinfo.MetricsLog(run.run_dir, train.tensorboard)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Phase 4: the loop, and what it does at eval steps
 
 
-def save(t: Training, is_best: bool = False, val_loss: float | None = None) -> None:
+def save(run: Run, is_best: bool = False, val_loss: float | None = None) -> None:
     """Only rank 0 writes; every rank's RNG (dropout) goes into the file so a DDP run resumes exactly."""
     rng_per_rank = [checkpoint.rng_state()]
-    if t.runtime.distributed:
-        rng_per_rank = [None] * t.runtime.world_size
+    if run.runtime.distributed:
+        rng_per_rank = [None] * run.runtime.world_size
         dist.all_gather_object(rng_per_rank, checkpoint.rng_state())
-    if t.runtime.is_main:
+    if run.runtime.is_main:
         # raw_model: the weights without DDP's `module.` or compile's `_orig_mod.` prefixes
-        payload = {"config": t.config.to_dict(), "model": t.raw_model.state_dict(),
-                   "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(),
-                   "state": dataclasses.asdict(t.state), "batches": [t.batches.state_dict()],
-                   "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "world_size": t.runtime.world_size,
-                   "tokenizer": t.data.tokenizer.to_dict(),
-                   "dataset": {"name": t.data.meta.get("dataset"), "text_sha256": t.data.meta.get("text_sha256")}}
-        checkpoint.save_run_checkpoint(t.run_dir, payload, t.state.step, val_loss, is_best, t.config.train.keep_last)
-    if t.runtime.distributed:
+        payload = {"config": run.config.to_dict(), "model": run.raw_model.state_dict(),
+                   "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                   "state": dataclasses.asdict(run.state), "batches": [run.batches.state_dict()],
+                   "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "world_size": run.runtime.world_size,
+                   **run.record()}
+        checkpoint.save_run_checkpoint(run.run_dir, payload, run.state.step, val_loss, is_best,
+                                       run.config.train.keep_last)
+    if run.runtime.distributed:
         dist.barrier()
 
 
-def evaluate(t: Training) -> float:
-    """Validation loss now; a better one than before becomes best.pt. Every eval saves a checkpoint."""
-    train, state = t.config.train, t.state
-    val_loss = estimate_loss(t.local_model, t.data.val_tokens, t.runtime, train.batch_size,
-                             t.config.model.block_size, train.eval_iters, seed=train.seed + 1)
-    improved = val_loss < state.best_val_loss
+def evaluate(run: Run, measure: Callable[[], Evaluation]) -> float:
+    """The task's validation now; a better loss than before becomes best.pt, --patience counts the evals without
+    one. Every eval saves a checkpoint."""
+    result, state = measure(), run.state
+    improved = result.val_loss < state.best_val_loss
     if improved:
-        state.best_val_loss, state.evals_without_improvement = val_loss, 0
+        state.best_val_loss, state.evals_without_improvement = result.val_loss, 0
     else:
         state.evals_without_improvement += 1
-    t.log(f"eval step {state.step}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}, "
-          f"best {state.best_val_loss:.4f} (unigram baseline {t.baseline:.4f})")
-    if t.metrics:
-        t.metrics.write({"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val_loss,
-                         "val_perplexity": perplexity(val_loss), "elapsed_s": state.elapsed_s})
-    save(t, is_best=improved, val_loss=val_loss)
-    return val_loss
+    run.last_val_loss = result.val_loss
+    run.log(f"eval step {state.step}: {result.summary}")
+    if run.metrics:
+        run.metrics.write({"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen,
+                           "val_loss": result.val_loss, **result.metrics, "elapsed_s": state.elapsed_s})
+    save(run, is_best=improved, val_loss=result.val_loss)
+    return result.val_loss
 
 
-def train_loop(t: Training, stop: StopRequest) -> bool:
-    """Step until max_iters, a stop signal or early stopping; True when it stopped early (patience)."""
-    train, state, runtime = t.config.train, t.state, t.runtime
+def train_loop(run: Run, stop: StopRequest, measure: Callable[[], Evaluation]) -> bool:
+    """Step until max_iters, a stop signal or early stopping; True when it stopped early (patience). Every
+    eval_interval steps: evaluate, with the task's `measure`, and save."""
+    train, state, runtime = run.config.train, run.state, run.runtime
     decay_iters = train.lr_decay_iters or train.max_iters
     progress = None
     if runtime.is_main and sys.stdout.isatty():
         from tqdm import tqdm
         progress = tqdm(total=train.max_iters, initial=state.step, unit="step", dynamic_ncols=True)
-    t.model.train()
+    run.model.train()
     bad_steps = 0
-    while state.step < train.max_iters and not stop_agreed(stop, runtime) and not out_of_time(t):
+    stopped_early = False
+    while state.step < train.max_iters and not stop_agreed(stop, runtime) and not out_of_time(run):
+        # A skipped step is retried at the same step: the schedule, the momentum and the evals stay on their steps.
         lr = learning_rate_at(state.step, train.learning_rate, train.min_lr, train.warmup_iters, decay_iters,
                               train.lr_schedule, train.cooldown_frac)
-        set_muon_momentum(t.optimizer, state.step, train)
+        set_muon_momentum(run.optimizer, state.step, train)
         started = time.perf_counter()
+        served = run.batches.tokens_served
         culprits: list[int] = []
-        loss = train_step(t.model, t.optimizer, t.scaler, t.batches, runtime, train, lr, culprits)
+        loss = train_step(run.model, run.optimizer, run.scaler, run.batches, runtime, train, lr, culprits)
         if loss is None:
             bad_steps += 1
             ranks = ", ".join(map(str, sorted(set(culprits))))
-            t.log(f"warning: non-finite loss or gradient at step {state.step} (rank {ranks}); step skipped on every "
-                  "rank, weights unchanged", file=sys.stderr)
+            run.log(f"warning: non-finite loss or gradient at step {state.step} (rank {ranks}); step skipped on "
+                    "every rank, weights unchanged", file=sys.stderr)
             if bad_steps >= train.max_bad_steps:
                 raise UserError(f"{bad_steps} non-finite steps in a row at step {state.step}; stopping with the "
-                                f"last good checkpoint in {t.run_dir}. Lower --learning_rate or use --dtype=float32")
+                                f"last good checkpoint in {run.run_dir}. Lower --learning_rate or use --dtype=float32")
             continue
         bad_steps = 0
         state.step += 1
-        state.tokens_seen += t.tokens_per_step
+        tokens = (run.batches.tokens_served - served) * runtime.world_size  # every process served as many
+        state.tokens_seen += tokens
         if state.step % train.log_interval == 0 or state.step == train.max_iters:
-            log_step(t, loss, lr, started, progress)
+            log_step(run, loss, lr, started, tokens, progress)
         state.elapsed_s += time.perf_counter() - started
         if progress is not None:
             progress.update(1)
         if state.step % train.eval_interval == 0 and state.step < train.max_iters:
-            evaluate(t)
+            evaluate(run, measure)
             if train.patience and state.evals_without_improvement >= train.patience:
-                t.log(f"early stop: no better val loss for {train.patience} evals")
-                return True
+                run.log(f"early stop: no better val loss for {train.patience} evals")
+                stopped_early = True
+                break
     if progress is not None:
         progress.close()
-    return False
+    return stopped_early
 
 
-def out_of_time(t: Training) -> bool:
+def out_of_time(run: Run) -> bool:
     """--max_minutes: have the steps (evals not counted) used the run's time? Rank 0's clock decides for every rank,
     so that all stop at the same step, as stop_agreed does for signals. The loop then finishes as at max_iters."""
-    if not t.config.train.max_minutes:
+    if not run.config.train.max_minutes:
         return False
-    over = torch.tensor(float(t.state.elapsed_s >= t.config.train.max_minutes * 60), device=t.runtime.device)
-    if t.runtime.distributed:
+    over = torch.tensor(float(run.state.elapsed_s >= run.config.train.max_minutes * 60), device=run.runtime.device)
+    if run.runtime.distributed:
         dist.broadcast(over, src=0)
     if over.item():
-        t.log(f"max_minutes={t.config.train.max_minutes}: stopping at step {t.state.step} of "
-              f"{t.config.train.max_iters}")
+        run.log(f"max_minutes={run.config.train.max_minutes}: stopping at step {run.state.step} of "
+              f"{run.config.train.max_iters}")
     return bool(over.item())
 
 
-def log_step(t: Training, loss: torch.Tensor, lr: float, started: float, progress) -> None:
-    """Loss, speed and MFU at a log step, to metrics.jsonl and the progress bar (or one line without a terminal)."""
-    runtime, state = t.runtime, t.state
+def log_step(run: Run, loss: torch.Tensor, lr: float, started: float, tokens: int, progress) -> None:
+    """Loss, speed (and MFU where the peak was measured) at a log step, to metrics.jsonl and the progress bar (or one
+    line without a terminal)."""
+    runtime, state = run.runtime, run.state
     if runtime.distributed:  # every rank reaches the same log steps; log the loss of the whole global batch
         dist.all_reduce(loss, op=dist.ReduceOp.SUM)
         loss /= runtime.world_size
     loss_value = loss.item()  # host sync only at log steps
     runtime.synchronize()
     step_time = time.perf_counter() - started
-    tokens_per_s = t.tokens_per_step / step_time
-    mfu = flops_per_token(t.config.model) * t.tokens_per_step / step_time / t.peak_flops
-    if t.metrics:
-        t.metrics.write({"kind": "train", "step": state.step, "tokens_seen": state.tokens_seen,
-                         "train_loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                         "elapsed_s": state.elapsed_s, "rss_mb": runinfo.resident_memory_mb()})
+    tokens_per_s = tokens / step_time
+    record = {"kind": "train", "step": state.step, "tokens_seen": state.tokens_seen, "train_loss": loss_value,
+              "lr": lr, "tokens_per_s": tokens_per_s}
+    speed = {"tok_s": f"{tokens_per_s:,.0f}"}
+    if not math.isnan(run.peak_flops):
+        record["mfu"] = flops_per_token(run.config.model) * tokens / step_time / run.peak_flops
+        speed["mfu"] = f"{record['mfu']:.1%}"
+    if run.metrics:
+        run.metrics.write({**record, "elapsed_s": state.elapsed_s, "rss_mb": runinfo.resident_memory_mb()})
     if progress is not None:
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **speed)
     else:
-        t.log(f"iter {state.step}: loss {loss_value:.4f}, time {step_time * 1000:.1f} ms, lr {lr:.2e}, "
-              f"{tokens_per_s:,.0f} tok/s, mfu {mfu:.1%}", flush=True)
+        run.log(f"iter {state.step}: loss {loss_value:.4f}, time {step_time * 1000:.1f} ms, lr {lr:.2e}, "
+                f"{speed['tok_s']} tok/s" + (f", mfu {speed['mfu']}" if "mfu" in speed else ""), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Phase 5: the finish: a checkpoint to resume from, or the final evaluation
 
 
-def finish(t: Training, stop: StopRequest, stopped_early: bool) -> None:
-    state, train = t.state, t.config.train
+def end_of_training(run: Run, stop: StopRequest, stopped_early: bool, measure: Callable[[], Evaluation],
+                    resume_with: str) -> bool:
+    """After the loop. A stop signal saves at once, with no evaluation first (whoever sent it may kill the process
+    seconds later), says how to continue, and returns False. Otherwise the final evaluation (early stopping has
+    just done one) and True: the task's own finish follows."""
     if stop.agreed:  # not stop.requested: a signal after the last agreement reached only some ranks
-        save(t)
-        t.log(f"{stop.signal_name}: saved {t.run_dir / 'last.pt'} at step {state.step}; continue with "
-              f"`python train.py --resume --out_dir={t.run_dir}` (or `make resume`)")
-    else:
-        if not stopped_early:
-            evaluate(t)
+        save(run)
+        run.log(f"{stop.signal_name}: saved {run.run_dir / 'last.pt'} at step {run.state.step}; continue with "
+                f"{resume_with}")
+        return False
+    if not stopped_early:
+        evaluate(run, measure)
+    return True
+
+
+def measure_val_loss(t: Training) -> Evaluation:
+    """Pretraining's validation: the mean loss over eval_iters batches of the val tokens."""
+    run, train = t.run, t.run.config.train
+    val_loss = estimate_loss(t.local_model, t.data.val_tokens, run.runtime, train.batch_size,
+                             run.config.model.block_size, train.eval_iters, seed=train.seed + 1)
+    best = min(run.state.best_val_loss, val_loss)
+    return Evaluation(val_loss, f"val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}, best {best:.4f} "
+                                f"(unigram baseline {t.baseline:.4f})", {"val_perplexity": perplexity(val_loss)})
+
+
+def finish(t: Training, stop: StopRequest, stopped_early: bool) -> None:
+    run, train = t.run, t.run.config.train
+    if end_of_training(run, stop, stopped_early, lambda: measure_val_loss(t),
+                       f"`python train.py --resume --out_dir={run.run_dir}` (or `make resume`)"):
         if "test" in t.data.meta.get("splits", {}):
-            test_loss = estimate_loss(t.local_model, data.open_split(t.data.data_dir, "test"), t.runtime,
-                                      train.batch_size, t.config.model.block_size, train.eval_iters,
+            test_loss = estimate_loss(t.local_model, data.open_split(t.data.data_dir, "test"), run.runtime,
+                                      train.batch_size, run.config.model.block_size, train.eval_iters,
                                       seed=train.seed + 2)
-            t.log(f"test loss {test_loss:.4f}, perplexity {perplexity(test_loss):.2f}")
-            if t.metrics:
-                t.metrics.write({"kind": "test", "step": state.step, "tokens_seen": state.tokens_seen,
-                                 "test_loss": test_loss})
-        t.log(f"done: best val loss {state.best_val_loss:.4f} vs unigram baseline {t.baseline:.4f}; "
-              f"checkpoints in {t.run_dir}; sample with `make generate`")
-    if t.runtime.is_main:
-        png = runinfo.plot_run(t.run_dir)
+            run.log(f"test loss {test_loss:.4f}, perplexity {perplexity(test_loss):.2f}")
+            if run.metrics:
+                run.metrics.write({"kind": "test", "step": run.state.step, "tokens_seen": run.state.tokens_seen,
+                                   "test_loss": test_loss})
+        run.log(f"done: best val loss {run.state.best_val_loss:.4f} vs unigram baseline {t.baseline:.4f}; "
+                f"checkpoints in {run.run_dir}; sample with `make generate`")
+    if run.runtime.is_main:
+        png = runinfo.plot_run(run.run_dir)
         if png:
-            t.log(f"loss curves: {png}")
+            run.log(f"loss curves: {png}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    run = resolve_run(sys.argv[1:] if argv is None else argv)
-    config = run.config
+    request = resolve_run(sys.argv[1:] if argv is None else argv)
+    config = request.config
     runtime = setup_runtime(config.train.device, config.train.dtype, config.train.ddp_timeout_s)
     log = print if runtime.is_main else (lambda *a, **k: None)
-    resolve_global_batch(config.train, runtime.world_size, run.overridden)
-    if "preset" not in run.overridden and run.resume_from is None:
+    resolve_global_batch(config.train, runtime.world_size, request.overridden)
+    if not request.preset_chosen and request.resume_from is None:
         log(f"preset {config.preset}: the default on this {runtime.device_type} (choose with PRESET=... or --preset=)")
 
-    train_data = prepare_data(run, runtime)
-    run_dir = run.run_dir or new_run_dir(config, train_data.meta["dataset"], runtime)
-    t = build_training(run, runtime, train_data, run_dir, log)
+    train_data = prepare_data(request, runtime)
+    run_dir = request.run_dir or new_run_dir(config, train_data.meta["dataset"], runtime)
+    t = build_training(request, runtime, train_data, run_dir, log)
     describe_start(t)
 
     stop = StopRequest()
     stop.install()
-    stopped_early = train_loop(t, stop)
+    stopped_early = train_loop(t.run, stop, measure=lambda: measure_val_loss(t))
     finish(t, stop, stopped_early)
     if runtime.distributed:
         dist.barrier()

@@ -215,32 +215,50 @@ def checkpoint_in_run(run_dir: Path, prefer: str = "best") -> Path:
     raise UserError(f"run folder {run_dir} holds no checkpoint yet; run `make train` first")
 
 
-def _has_checkpoint(folder: Path) -> bool:
+# What kind of run a folder holds, as its manifest.json says: "pretrain" (a language model trained on raw text, by
+# train.py), "classifier" or "instruct" (the fine-tuning scripts). A folder whose manifest names no kind, or that has
+# none, holds a language model trained on raw text: train.py recorded no kind before 2026-12.
+PRETRAIN_KIND = "pretrain"
+
+
+def holds_run(folder: Path) -> bool:
     return any((folder / n).is_file() for n in ("last.pt", "best.pt")) or bool(step_checkpoints(folder))
 
 
-def latest_run(root: Path = CHECKPOINTS_ROOT, exclude_kinds: tuple[str, ...] = (),
-               only_kinds: tuple[str, ...] = ()) -> Path:
-    """The run folder under `root` whose checkpoint was written most recently; exclude_kinds=("classifier",) passes
-    over the runs whose manifest.json says they are of that kind (classify.py's), only_kinds=("instruct",) takes
-    only those."""
-    runs = [d for d in Path(root).glob("*") if d.is_dir() and _has_checkpoint(d) and _run_kind(d) not in exclude_kinds
-            and (not only_kinds or _run_kind(d) in only_kinds)]
-    if not runs:
-        kinds = f" of kind {', '.join(only_kinds)}" if only_kinds else ""
-        raise UserError(f"no checkpoint{kinds} found under {root}/; run `make train` first")
-    return max(runs, key=lambda d: max(p.stat().st_mtime for p in d.glob("*.pt") if p.is_file()))
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run never writes into a folder that holds one (a best.pt alone counts): it would overwrite it."""
+    if any((run_dir / name).exists() for name in ("last.pt", "best.pt")) or step_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume --out_dir={run_dir}, "
+                        "or pick another --out_dir/--run_name")
 
 
-def _run_kind(run_dir: Path) -> str:
+def run_kind(run_dir: Path) -> str:
     try:
-        return json.loads((run_dir / "manifest.json").read_text()).get("kind", "")
+        kind = json.loads((Path(run_dir) / "manifest.json").read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
-        return ""
+        kind = None
+    return kind or PRETRAIN_KIND
 
 
-def resolve_checkpoint(ckpt: str = "", run: str = "", root: Path = CHECKPOINTS_ROOT, prefer: str = "best") -> Path:
-    """--ckpt=PATH (a file or a run folder), else --run=NAME under root, else the most recent run."""
+def latest_run(root: Path = CHECKPOINTS_ROOT, kinds: tuple[str, ...] = (), exclude_kinds: tuple[str, ...] = ()) -> Path:
+    """The run folder under `root` whose checkpoint was written most recently, among the runs of one of `kinds`
+    (any kind when empty) and of none of `exclude_kinds`: e.g. kinds=("pretrain",) for train.py --resume, which
+    cannot continue the classifier run that `make classify` has just written."""
+    runs = [d for d in Path(root).glob("*") if d.is_dir() and holds_run(d)]
+    if not runs:
+        raise UserError(f"no checkpoint found under {root}/; run `make train` first")
+    usable = [d for d in runs if (not kinds or run_kind(d) in kinds) and run_kind(d) not in exclude_kinds]
+    if not usable:
+        wanted = f"{'/'.join(kinds)} run" if kinds else f"run other than {'/'.join(exclude_kinds)}"
+        found = "/".join(sorted({run_kind(d) for d in runs}))
+        raise UserError(f"no {wanted} under {root}/ (it holds only {found} runs)")
+    return max(usable, key=lambda d: max(p.stat().st_mtime for p in d.glob("*.pt") if p.is_file()))
+
+
+def resolve_checkpoint(ckpt: str = "", run: str = "", root: Path = CHECKPOINTS_ROOT, prefer: str = "best",
+                       kinds: tuple[str, ...] = (), exclude_kinds: tuple[str, ...] = ()) -> Path:
+    """--ckpt=PATH (a file or a run folder), else --run=NAME under root, else the most recent run (of `kinds`, not of
+    `exclude_kinds`: see latest_run)."""
     if ckpt:
         path = Path(ckpt)
         if not path.exists():
@@ -252,7 +270,7 @@ def resolve_checkpoint(ckpt: str = "", run: str = "", root: Path = CHECKPOINTS_R
             known = sorted(d.name for d in Path(root).glob("*") if d.is_dir())
             raise UserError(f"--run={run}: no folder {run_dir}; runs here: {', '.join(known) or 'none'}")
         return checkpoint_in_run(run_dir, prefer)
-    return checkpoint_in_run(latest_run(root), prefer)
+    return checkpoint_in_run(latest_run(root, kinds, exclude_kinds), prefer)
 
 
 def strip_wrapper_prefixes(state_dict: dict) -> dict:

@@ -134,7 +134,9 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
     device-dependent default preset (e.g. a test pinning `tiny`). `reads` says which config sections ("train") or
     fields ("seed") the entry point uses, and "preset" when it takes one: the others are refused, not ignored, and
     --help lists only these. `usage` replaces the help's first line, `python X.py [--key=value ...]`. `defaults`
-    are config values the entry point uses instead of the preset's where the command line gives none.
+    are an entry point's own values for config fields (the fine-tuning scripts' learning rate): they replace the
+    preset's before the command line is applied and validated, so `--learning_rate` alone keeps their ratio of
+    min_lr to learning_rate.
     """
     extra, defaults = dict(extra or {}), dict(defaults or {})
     if "--help" in argv or "-h" in argv:
@@ -146,8 +148,7 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
         sys.exit(0)
     pairs = _split_pairs(argv)
     preset_name = _choose_preset(pairs, preset, reads)
-    config = PRESETS[preset_name]()
-    config.preset = preset_name
+    config = _preset_with_defaults(preset_name, defaults)
     fields = _fields_read(reads)
     options = {key: list(value) if isinstance(value, list) else value for key, value in extra.items()}
     overridden = set()
@@ -166,15 +167,12 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
             overridden.add(key)
         else:
             raise ConfigError(_not_read(key, fields, extra, reads))
-    preset_train = PRESETS[preset_name]().train
+    preset_train = _preset_with_defaults(preset_name, defaults).train
     scale = config.train.learning_rate / preset_train.learning_rate
     if "learning_rate" in overridden and "min_lr" not in overridden:
         config.train.min_lr = preset_train.min_lr * scale  # keep the preset's decay
     if "learning_rate" in overridden and "muon_lr" not in overridden and preset_train.optimizer == "muon":
         config.train.muon_lr = preset_train.muon_lr * scale  # one rate moves the preset's whole recipe
-    for key, value in defaults.items():
-        if key not in overridden:
-            setattr(getattr(config, FIELD_SECTIONS[key]), key, value)
     if "arch" in overridden:
         config.model.apply_arch(keep=overridden)  # --arch=llama sets its switches; --norm=... beside it wins
     config.validate()
@@ -202,6 +200,37 @@ def _not_read(key: str, fields: dict[str, str], extra: dict, reads: Collection[s
     known = list(fields) + list(extra) + (["preset"] if "preset" in reads else [])
     close = ", ".join("--" + c for c in difflib.get_close_matches(key, known, n=3, cutoff=0.6))
     return f"unknown option --{key}" + (f"; did you mean {close}?" if close else "; --help lists the options")
+
+
+def _preset_with_defaults(name: str, defaults: dict[str, object]) -> Config:
+    config = PRESETS[name]()
+    config.preset = name
+    for key, value in defaults.items():
+        setattr(getattr(config, FIELD_SECTIONS[key]), key, value)
+    return config
+
+
+def merge_resume_config(saved: Config, parsed: Config, overridden: frozenset[str],
+                        also_fixed: tuple[str, ...] = ()) -> Config:
+    """The saved run's config, with the user's explicit overrides on top (e.g. more max_iters) where they are safe;
+    one that would change what the checkpoint holds (the model's sizes, the data, the optimizer) is refused.
+    `also_fixed` names more fields a resume may not change (the fine-tuning splits' val_fraction)."""
+    fixed = {f.name for f in dataclasses.fields(ModelConfig)} - {"dropout"}
+    fixed |= {"tokenizer", "dataset", "data_dir", "batch_size", "gradient_accumulation_steps", "sampling", "seed",
+              "optimizer"}  # a checkpoint's optimizer state fits only the optimizer that wrote it
+    fixed |= set(also_fixed)
+    for key in sorted(overridden):
+        if key in ("resume", "out_dir", "run_name"):
+            continue
+        new = getattr(getattr(parsed, FIELD_SECTIONS[key]), key)
+        target = getattr(saved, FIELD_SECTIONS[key])
+        old = getattr(target, key)
+        if key in fixed and new != old:
+            raise ConfigError(f"--{key}={new} contradicts the run being resumed ({key}={old}); "
+                              "drop the override or start a new run with another --out_dir")
+        setattr(target, key, new)
+    saved.train.resume = True
+    return saved.validate()
 
 
 def run_cli(main: Callable[[], object]) -> None:

@@ -1,11 +1,13 @@
 """Where a model comes from: OpenAI's GPT-2 or a Hugging Face folder (`--init_from=gpt2|PATH`), or one of our
-checkpoints (`--ckpt=PATH`, `--run=NAME`, or the latest run). generate.py, train.py's fine-tuning start and the tools
-load through `load_model`; checkpoint.py only reads and writes the files.
+checkpoints (`--ckpt=PATH`, `--run=NAME`, or the latest language-model run). generate.py, train.py --init_from, the
+fine-tuning start (gptkit/finetune.py) and the tools load through `load_model`; checkpoint.py only reads and writes
+the files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 import lora
@@ -39,6 +41,9 @@ def model_from_checkpoint(payload: dict) -> tuple[GPT, Config]:
         lora.merge_lora(model).requires_grad_(True)
     return model, config
 
+# Run kinds (manifest.json's "kind") whose checkpoints hold no language model: a classifier's head scores classes.
+NOT_LANGUAGE_MODELS = ("classifier",)
+
 
 @dataclass
 class LoadedModel:
@@ -62,7 +67,9 @@ def load_model(init_from: str = "scratch", ckpt: str = "", run: str = "", dropou
     if init_from != "scratch":
         model, _ = hf.load_pretrained(init_from, dropout=dropout)
         return LoadedModel(model, hf.pretrained_tokenizer(init_from), init_from)
-    path = resolve_checkpoint(ckpt=ckpt, run=run)
+    path = resolve_checkpoint(ckpt=ckpt, run=run, exclude_kinds=NOT_LANGUAGE_MODELS)
+    if not ckpt and not run:
+        print(f"model: {path}, of the latest language-model run (--ckpt= or --run= for another)", file=sys.stderr)
     payload = load_checkpoint(path)
     if payload.get("classifier"):
         raise UserError(f"{path} is a classifier, not a language model; use it with python classify.py "

@@ -5,8 +5,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,124 @@ def test_make_classify_default_runs_offline_from_the_latest_pretrained_run(tmp_p
     assert manifest["kind"] == "classifier"
     # the classifier run is now the newest, but the next default start still takes the language model
     assert checkpoint.latest_run(tmp_path / "checkpoints", exclude_kinds=("classifier",)).name == "tiny-pretrained"
+
+
+# ------------------------------------------------------------------------------------------------ the shared loop
+
+
+def metric_records(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_fine_tuning_counts_tokens_seen_in_tokens_not_examples(separable):
+    root, _ = separable
+    assert (root / "weather" / "last.pt").exists(), "runs after the learning test"
+    shortest = 6 * 3 + 5  # six words of three letters or more, and the spaces between them (char tokenizer)
+    for record in metric_records(root / "weather", "train"):
+        assert record["tokens_seen"] >= record["step"] * 8 * shortest  # 8 texts a step
+
+
+def test_fine_tuning_stops_after_max_bad_steps_non_finite_steps_in_a_row(separable, tmp_path):
+    root, pretrained = separable
+    payload = checkpoint.load_checkpoint(pretrained)
+    payload["model"]["transformer.h.0.mlp.c_fc.bias"][0] = float("nan")  # poisons every forward pass
+    poisoned = checkpoint.save_checkpoint(tmp_path / "nan" / "best.pt", payload)
+    done = run(f"--init_from={poisoned}", "--dataset=weather.csv", "--max_bad_steps=3", "--max_iters=20",
+               f"--out_dir={tmp_path / 'run'}", cwd=root)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "3 non-finite steps in a row at step 0" in done.stderr  # a skipped step is not counted as one
+
+
+NAN_AT_CALL = """
+import sys
+import time
+import classify
+from gptkit.cli import run_cli
+calls = [0]
+original = classify.GPTClassifier.forward  # called by the training step only; evaluation calls logits()
+def forward(self, idx, target):
+    calls[0] += 1
+    loss = original(self, idx, target)
+    return loss * float("nan") if calls[0] == {k} else loss
+classify.GPTClassifier.forward = forward
+sys.argv = ["classify.py"] + sys.argv[1:]
+run_cli(classify.main)
+"""
+
+
+def test_a_skipped_fine_tuning_step_is_retried_on_the_same_point_of_the_schedule_and_still_evaluates(separable,
+                                                                                                      tmp_path):
+    from train import learning_rate_at
+    root, pretrained = separable
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", NAN_AT_CALL.format(k=5), "--device=cpu", f"--init_from={pretrained}",
+                           "--dataset=weather.csv", "--max_iters=10", "--eval_interval=5", "--log_interval=1",
+                           "--warmup_iters=3", f"--out_dir={tmp_path / 'run'}"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "non-finite loss or gradient at step 4" in done.stderr
+    train = metric_records(tmp_path / "run", "train")
+    assert [r["step"] for r in train] == list(range(1, 11))  # the skipped step was retried: 10 steps done
+    assert [r["lr"] for r in train] == pytest.approx([learning_rate_at(r["step"] - 1, 5e-4, 5e-5, 3, 10)
+                                                      for r in train])
+    assert [r["step"] for r in metric_records(tmp_path / "run", "eval")] == [5, 10]
+
+
+def test_a_stop_signal_saves_the_fine_tuning_run_at_once_without_an_evaluation(separable, tmp_path):
+    root, pretrained = separable
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "classify.py"), "--device=cpu", f"--init_from={pretrained}",
+                             "--dataset=weather.csv", "--max_iters=100000", "--eval_interval=100000",
+                             f"--out_dir={tmp_path / 'run'}"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("accuracy before training"):
+            break
+    time.sleep(3)  # a few steps into the loop
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: saved" in out and "--resume" in out
+    assert "eval step" not in out  # a signal's sender may kill soon after: save first, evaluate never
+    assert checkpoint.load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] > 0
+
+
+def test_fine_tuning_stops_early_once_the_val_loss_stops_improving_for_patience_evals(separable, tmp_path):
+    root, pretrained = separable
+    # a rate far below float32's resolution of the weights: nothing moves, so no eval after the first improves
+    done = run(f"--init_from={pretrained}", "--dataset=weather.csv", "--trainable=head", "--learning_rate=1e-12",
+               "--eval_interval=2", "--patience=2", "--max_iters=100", f"--out_dir={tmp_path / 'run'}", cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "early stop: no better val loss for 2 evals" in done.stdout
+    assert checkpoint.load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == 6
+
+
+def test_a_new_fine_tuning_run_refuses_a_folder_that_holds_only_a_best_checkpoint(separable, tmp_path):
+    root, pretrained = separable
+    checkpoint.save_checkpoint(tmp_path / "held" / "best.pt", {"state": {"step": 1}})
+    done = run(f"--init_from={pretrained}", "--dataset=weather.csv", "--max_iters=1", f"--out_dir={tmp_path / 'held'}",
+               cwd=root)
+    assert done.returncode == 2 and "already holds a run" in done.stderr
+
+
+def test_fine_tuning_with_muon_follows_its_momentum_warmup(separable, tmp_path):
+    root, pretrained = separable
+    done = run(f"--init_from={pretrained}", "--dataset=weather.csv", "--optimizer=muon", "--muon_momentum_warmup=10",
+               "--max_iters=4", "--eval_interval=100", f"--out_dir={tmp_path / 'run'}", cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    optimizer = checkpoint.load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]
+    assert optimizer["muon"]["param_groups"][0]["momentum"] == pytest.approx(0.85 + 0.10 * 3 / 10)  # set at step 3
+
+
+def test_a_fine_tuning_resume_applies_safe_overrides_and_refuses_the_rest(separable, tmp_path):
+    root, pretrained = separable
+    run_dir = tmp_path / "run"
+    assert run(f"--init_from={pretrained}", "--dataset=weather.csv", "--max_iters=2", f"--out_dir={run_dir}",
+               cwd=root).returncode == 0
+    for args, message in ((["--batch_size=4"], "--batch_size=4 contradicts the run being resumed (batch_size=8)"),
+                          (["--trainable=head"], "--trainable=head contradicts the run being resumed (trainable=all)")):
+        refused = run("--resume", f"--out_dir={run_dir}", *args, cwd=root)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+    resumed = run("--resume", f"--out_dir={run_dir}", "--max_iters=4", "--log_interval=1", cwd=root)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert checkpoint.load_checkpoint(run_dir / "last.pt")["config"]["train"]["log_interval"] == 1

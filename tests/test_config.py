@@ -169,3 +169,23 @@ def test_a_checkpoint_config_from_before_the_switches_loads_as_gpt2():
     del saved["train"]["max_minutes"]
     config = Config.from_dict(saved)
     assert config.model == PRESETS["tiny"]().model and config.train.max_minutes == 0
+
+
+@pytest.mark.parametrize("script", ["classify", "instruct"])
+def test_fine_tuning_schedule_never_rises_with_a_small_learning_rate(script):
+    from train import learning_rate_at
+    module = __import__(script)
+    for rate in (5e-5, 1e-5):  # the book's rate, and a smaller one
+        train = module.resolve_config([f"--learning_rate={rate}"])[0].train
+        assert train.min_lr == pytest.approx(rate / 10)  # the script's own decay: a tenth of its rate at the end
+        rates = [learning_rate_at(step, train.learning_rate, train.min_lr, train.warmup_iters, 500, train.lr_schedule,
+                                  train.cooldown_frac) for step in range(train.warmup_iters, 500)]
+        assert all(later <= earlier for earlier, later in zip(rates, rates[1:])), rate
+
+
+@pytest.mark.parametrize("script", ["classify", "instruct"])
+@pytest.mark.parametrize("option", ["--compile=True", "--sampling=epoch", "--zero_init_proj=True"])
+def test_fine_tuning_refuses_a_training_option_it_would_ignore(script, option):
+    module = __import__(script)
+    with pytest.raises(ConfigError, match=f"^{option.partition('=')[0]}=.* has no effect here"):
+        module.resolve_config([option])

@@ -305,6 +305,14 @@ def test_make_instruct_default_runs_offline_and_saves_every_test_response(offlin
     assert checkpoint.latest_run(root / "checkpoints", exclude_kinds=("instruct",)).name == "tiny-pretrained"
 
 
+def test_fine_tuning_counts_tokens_seen_in_tokens_not_examples(offline_default):
+    root, done = offline_default
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (root / "tuned" / "metrics.jsonl").read_text().splitlines()]
+    template = 30  # GPT-2 tokens of the alpaca template around a one-token instruction, less one
+    assert records and all(r["tokens_seen"] >= r["step"] * 4 * template for r in records)  # 4 entries a step
+
+
 def test_the_prompt_style_survives_the_checkpoint_and_generate_answers_as_instruct_does(offline_default, monkeypatch):
     root, done = offline_default
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import ModelConfig, TrainConfig, UserError
+from config import Config, ModelConfig, TrainConfig, UserError
 from data import Batches
 from gptkit import checkpoint, loading
 from gptkit.runtime import Runtime
@@ -325,3 +325,57 @@ def test_the_runtime_keeps_freed_memory_for_the_next_step_instead_of_returning_i
     mapped, heap_growth = probe("setup")
     assert mapped < 24 * mb  # after setup_runtime: from the heap...
     assert heap_growth >= 20 * mb  # ...which keeps it after the free, for the next step to reuse without page faults
+
+
+class _StopBeforeTheData(Exception):
+    pass
+
+
+@pytest.mark.parametrize("args, says_default", [([], True), (["--preset=small"], False)])
+def test_the_start_line_calls_the_preset_the_default_only_when_none_was_chosen(monkeypatch, capsys, args,
+                                                                             says_default):
+    import train
+
+    def stop(*args, **kwargs):
+        raise _StopBeforeTheData
+
+    monkeypatch.setattr(train, "prepare_data", stop)  # everything up to the start-up line, no data, no training
+    with pytest.raises(_StopBeforeTheData):
+        train.main([*args, "--device=cpu"])
+    assert ("the default on this" in capsys.readouterr().out) == says_default
+
+
+def save_run_folder(run_dir: Path, kind: str | None, mtime: float) -> None:
+    """A run folder holding one small checkpoint, its manifest.json naming `kind` (no manifest when None)."""
+    config = Config(model=ModelConfig(vocab_size=100, n_layer=1, n_head=1, n_embd=8, block_size=8))
+    payload = {"config": config.to_dict(), "model": GPT(config.model).state_dict(), "state": {"step": 1},
+               "tokenizer": {"name": "gpt2"}}
+    if kind == "classifier":
+        payload["classifier"] = {"label_names": ["a", "b"], "lora_rank": 0}
+    path = checkpoint.save_checkpoint(run_dir / "best.pt", payload)
+    if kind is not None:
+        (run_dir / "manifest.json").write_text(json.dumps({"kind": kind}))
+    os.utime(path, (mtime, mtime))
+
+
+def test_resume_without_a_folder_continues_the_latest_pretraining_run_not_a_newer_fine_tuned_one(tmp_path,
+                                                                                                monkeypatch):
+    import train
+    now = time.time()
+    save_run_folder(tmp_path / "checkpoints" / "older-pretraining", "pretrain", now - 300)
+    save_run_folder(tmp_path / "checkpoints" / "tiny-pretrained", None, now - 200)  # written before runs had a kind
+    save_run_folder(tmp_path / "checkpoints" / "classify-run", "classifier", now - 100)
+    save_run_folder(tmp_path / "checkpoints" / "instruct-run", "instruct", now)
+    monkeypatch.chdir(tmp_path)
+    assert train.resolve_run(["--resume"]).run_dir.name == "tiny-pretrained"
+
+
+def test_sampling_without_a_checkpoint_takes_the_latest_language_model_not_a_newer_classifier(tmp_path, monkeypatch,
+                                                                                           capsys):
+    now = time.time()
+    save_run_folder(tmp_path / "checkpoints" / "tiny-pretrained", None, now - 200)
+    save_run_folder(tmp_path / "checkpoints" / "classify-run", "classifier", now - 100)
+    monkeypatch.chdir(tmp_path)
+    loaded = loading.load_model()  # what make generate and make eval do without CKPT= or RUN=
+    assert Path(loaded.source).parent.name == "tiny-pretrained"
+    assert "tiny-pretrained" in capsys.readouterr().err  # and it says which run it took

@@ -27,7 +27,7 @@ from gptkit.hf import (
     pretrained_tokenizer,
     write_tokenizer_files,
 )
-from gptkit.loading import model_from_checkpoint
+from gptkit.loading import NOT_LANGUAGE_MODELS, model_from_checkpoint
 
 OPTIONS = {
     "ckpt": "",  # a checkpoint file or run folder; default: the best checkpoint of the most recent run
@@ -61,7 +61,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, reads=())  # the config is the checkpoint's
-    ckpt = resolve_checkpoint(args.options["ckpt"], args.options["run"])
+    ckpt = resolve_checkpoint(args.options["ckpt"], args.options["run"], exclude_kinds=NOT_LANGUAGE_MODELS)
     out = Path(args.options["out"] or ckpt.parent / "hf")
     export_checkpoint(ckpt, out)
     tokenizer = pretrained_tokenizer(str(out))
