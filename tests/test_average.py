@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptkit import checkpoint, loading
-from tests.test_train import REPO, TINY_ARGS, make_text, run_train
+from tests.helpers import REPO, TINY_ARGS, make_text, run_train
 from tools.average import average_weights
 
 

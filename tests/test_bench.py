@@ -64,7 +64,7 @@ def test_time_to_loss_runs_nanogpts_recipe_whatever_the_presets_defaults_and_our
 
 
 def test_our_training_rows_come_from_the_runs_metrics_not_its_printed_lines(tmp_path):
-    from tests.test_train import TINY_ARGS, make_text, run_train
+    from tests.helpers import TINY_ARGS, make_text, run_train
     from tools import bench
     (tmp_path / "corpus.txt").write_text(make_text(3000))
     run_train(tmp_path, *TINY_ARGS, "--dataset=corpus.txt", "--max_iters=6", "--eval_interval=6", "--log_interval=1",

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import make_tar
 
 import classify
 import lora
@@ -21,6 +20,7 @@ from classify import GPTClassifier, Split, confusion_matrix, per_class_scores, s
 from config import Config, ModelConfig, UserError
 from gptkit import checkpoint, sources
 from model import GPT
+from tests.helpers import make_tar
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0)

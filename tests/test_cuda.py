@@ -24,7 +24,7 @@ from gptkit import checkpoint, hf, loading
 from gptkit.checkpoint import rng_state, set_rng_state
 from gptkit.runtime import pick_dtype, setup_runtime
 from model import GPT
-from tests.test_train import make_text
+from tests.helpers import make_text
 from train import train_step
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

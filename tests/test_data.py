@@ -6,11 +6,9 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -23,22 +21,10 @@ import torch
 import data
 from config import DataConfig, UserError
 from gptkit import sources
+from tests.helpers import make_tar, play
 from tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, payload in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return path
-
-
-def play(i: int) -> str:
-    return f"PLAY {i}\n\nACT I.\n\nKing{i}.\nWhat light through yonder window breaks, good sir {i}?\n" * 5
 
 
 @pytest.fixture

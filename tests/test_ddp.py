@@ -26,7 +26,7 @@ from data import Batches
 from gptkit import checkpoint, loading
 from gptkit.runtime import Runtime, setup_runtime
 from model import GPT
-from tests.test_train import REPO, TINY_ARGS, make_text, metrics, run_train
+from tests.helpers import REPO, TINY_ARGS, make_text, metrics, run_train
 from train import make_optimizer, resolve_global_batch, train_step
 
 # float32 everywhere: on a CPU with AVX512-BF16 `auto` picks bf16 autocast, whose rounding would hide a real mismatch.

@@ -23,7 +23,7 @@ from gptkit.prompts import format_prompt
 from gptkit.runtime import setup_runtime
 from instruct import Entry, collate, encode_entries
 from model import GPT
-from tests.test_train import REPO
+from tests.helpers import REPO
 from train import make_optimizer, train_step
 
 # GPT-2's ranks, shared by every test run on this checkout (seeded once from the package index when missing)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_data import make_tar, play
 
 from gptkit import sources
+from tests.helpers import make_tar, play
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,11 +19,11 @@ from data import get_tokenizer
 from generate import Sampling, generate
 from gptkit import checkpoint, loading
 from model import GPT
+from tests.helpers import REPO, TINY_ARGS, WORDS, make_text, metrics, run_train
 from tests.test_classify import run as run_classify
 from tests.test_ddp import DDP_ARGS, torchrun
 from tests.test_instruct import closed_port_url
 from tests.test_instruct import run as run_instruct
-from tests.test_train import REPO, TINY_ARGS, WORDS, make_text, metrics, run_train
 from tools import export
 
 # float32: the exact-resume and generate comparisons below are about the switches, not bf16 rounding

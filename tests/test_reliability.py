@@ -14,7 +14,7 @@ import torch
 
 from config import UserError
 from gptkit import checkpoint
-from tests.test_train import REPO, TINY_ARGS, metrics, run_train
+from tests.helpers import REPO, TINY_ARGS, metrics, run_train
 
 
 def small_payload(step: int) -> dict:
@@ -196,7 +196,7 @@ RESUME_MUTATIONS = {
 def test_resume_is_bitwise_exact_and_the_check_has_teeth(tmp_path, optimizer):
     """The exact-resume comparison must fail when resume skips the RNG or the optimizer state (mutation check)."""
     corpus = tmp_path / "corpus.txt"
-    from tests.test_train import make_text
+    from tests.helpers import make_text
     corpus.write_text(make_text(4000))
     common = [*TINY_ARGS, f"--dataset={corpus}", "--dtype=float32", "--dropout=0.1", "--gradient_accumulation_steps=2",
               "--lr_decay_iters=16", "--log_interval=4", "--eval_interval=8", f"--optimizer={optimizer}"]
@@ -229,7 +229,7 @@ def test_resume_is_bitwise_exact_and_the_check_has_teeth(tmp_path, optimizer):
 
 def test_soak_400_steps_learns_without_leaking_and_keeps_keep_last_checkpoints(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    from tests.test_train import make_text
+    from tests.helpers import make_text
     corpus.write_text(make_text(20000))
     run_train(tmp_path, *TINY_ARGS, f"--dataset={corpus}", "--max_iters=400", "--eval_interval=40",
               "--log_interval=20", "--keep_last=3", "--out_dir=soak", timeout=600)
@@ -275,7 +275,7 @@ run_cli(train.main)
 
 def test_a_nan_loss_at_step_k_is_skipped_with_a_message_and_the_run_finishes(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    from tests.test_train import make_text
+    from tests.helpers import make_text
     corpus.write_text(make_text(4000))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", NAN_AT_STEP.format(k=6), *TINY_ARGS, f"--dataset={corpus}",

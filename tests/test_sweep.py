@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from config import ConfigError, UserError
-from tests.test_train import TINY_ARGS, make_text, metrics, run_train
+from tests.helpers import TINY_ARGS, make_text, metrics, run_train
 from tools import sweep as sweep_tool
 from tools.sweep import parse, table
 

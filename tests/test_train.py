@@ -18,35 +18,9 @@ from data import Batches
 from gptkit import checkpoint, loading
 from gptkit.runtime import Runtime
 from model import GPT
+from tests.helpers import REPO, TINY_ARGS, make_text, metrics, run_train
 from tools import export
 from train import learning_rate_at, make_optimizer, train_step, unigram_loss
-
-REPO = Path(__file__).resolve().parent.parent
-WORDS = ("the king and queen walk to the castle . a knight rides north with his sword . "
-         "the old man speaks of storms and ships . she sings to the sea at night . ").split()
-
-
-def make_text(n_words: int = 12000, seed: int = 0) -> str:
-    """A small corpus with structure a tiny model can learn: phrases of WORDS in a random order."""
-    rng = np.random.default_rng(seed)
-    phrases = " ".join(WORDS).split(" . ")
-    out = []
-    while len(out) < n_words:
-        out.extend(phrases[rng.integers(len(phrases))].split() + ["."])
-    return " ".join(out) + "\n"
-
-
-TINY_ARGS = ["--preset=tiny", "--tokenizer=char", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-             "--batch_size=8", "--device=cpu", "--eval_iters=4", "--warmup_iters=5", "--learning_rate=3e-3"]
-
-
-def run_train(workdir: Path, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=workdir, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture
@@ -54,10 +28,6 @@ def corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(make_text())
     return path
-
-
-def metrics(run_dir: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def test_cli_trains_end_to_end_and_loss_falls(tmp_path, corpus):
