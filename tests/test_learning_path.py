@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # What each command must show: a piece of its output, and the files it must leave behind.
 EXPECTED = {
     "tour.py tokens": (["ids:    [15496, 11, 995, 0]", "decode: 'Hello, world!'"], []),
+    "tour.py bpe": (["merges learned", "decoding gives the text back: True"], []),
     "tour.py batch": (["each target is the next character", "the input of the first block"], []),
     "tour.py attention": (["head 0 of layer 0", "saved runs/tour/attention.png"], ["runs/tour/attention.png"]),
     "tour.py model": (["parameters; logits (2, 32, 65)", "guessing uniformly gives ln(65)"], []),
