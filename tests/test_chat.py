@@ -80,6 +80,16 @@ def test_chat_refuses_a_pretrained_model_and_says_how_to_make_a_chat_model(tmp_p
         chat.main(["--temperature=-1"])
 
 
+def interrupt_until_stopped(child, tries: int = 3) -> None:
+    """Ctrl-C, and "(stopped)" must follow. On a loaded machine a ^C written while the child floods the terminal was
+    once never seen (CI, 2026-12-03): press it again, as a person would, a few times before failing."""
+    for attempt in range(tries):
+        child.sendintr()
+        if child.expect_exact(["(stopped)", pexpect.TIMEOUT], timeout=20) == 0:
+            return
+    raise AssertionError(f"{tries} Ctrl-C did not stop the answer; the terminal shows {child.before[-200:]!r}")
+
+
 def test_chat_in_a_terminal_two_turns_ctrl_c_stops_an_answer_reset_and_exit(tmp_path):
     save_chat_model(tmp_path / "checkpoints" / "noise")
     # greedy on an untrained model never says its end-of-turn token: each answer runs until Ctrl-C
@@ -95,8 +105,7 @@ def test_chat_in_a_terminal_two_turns_ctrl_c_stops_an_answer_reset_and_exit(tmp_
             if number == 1:  # the first answer ran long: it no longer fits with the second question
                 child.expect_exact("oldest turns are left out from now on")
             child.expect(r"[\s\S]{300}")  # the answer is being written: more than the context of 64 tokens
-            child.sendintr()
-            child.expect_exact("(stopped)")
+            interrupt_until_stopped(child)
         child.expect_exact("you> ")
         child.sendline("/reset")
         child.expect_exact("(a new conversation)")
