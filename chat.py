@@ -9,6 +9,7 @@ checkpoint records (gptkit/prompts.py) and sampled by generate.py's code; serve.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
     except ImportError:
         pass
+    # Ctrl-C must stop an answer even when whatever started us ignored SIGINT (`nohup`, a script's `cmd &`): an
+    # ignored SIGINT is inherited, and Python then never turns it into KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     generator = torch.Generator(chat_model.device).manual_seed(train.seed)
     chat_loop(chat_model, Conversation(system=options["system"]), sampling, options["max_new_tokens"], generator)
 

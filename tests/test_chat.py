@@ -2,6 +2,7 @@
 generate.py --instruction), history is trimmed from the oldest turn and said once, and the terminal chat driven
 through a pseudo-terminal: two turns, Ctrl-C during an answer, /reset, /system, /temperature, /exit."""
 
+import signal
 import sys
 
 import pexpect
@@ -93,9 +94,15 @@ def interrupt_until_stopped(child, tries: int = 3) -> None:
 def test_chat_in_a_terminal_two_turns_ctrl_c_stops_an_answer_reset_and_exit(tmp_path):
     save_chat_model(tmp_path / "checkpoints" / "noise")
     # greedy on an untrained model never says its end-of-turn token: each answer runs until Ctrl-C
-    child = pexpect.spawn(sys.executable, [str(REPO / "chat.py"), "--device=cpu", "--temperature=0",
-                                           "--max_new_tokens=100000"], cwd=str(tmp_path), env=ENV,
-                          encoding="utf-8", timeout=60, dimensions=(40, 200))
+    # started with SIGINT ignored, as by `nohup` or a script's `cmd &` (and as a CI run launched that way once was):
+    # Ctrl-C must still stop an answer
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        child = pexpect.spawn(sys.executable, [str(REPO / "chat.py"), "--device=cpu", "--temperature=0",
+                                               "--max_new_tokens=100000"], cwd=str(tmp_path), env=ENV,
+                              encoding="utf-8", timeout=60, dimensions=(40, 200))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         child.expect("chatting with noise")
         for number, question in enumerate(["Hello there", "And now?"]):
