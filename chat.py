@@ -24,6 +24,7 @@ from gptkit import checkpoint, fast, loading, prompts
 from gptkit.cli import parse_args, run_cli
 from model import GPT
 
+# The model and its sizes come from the checkpoint: of the config fields chat.py reads only these (others are refused).
 CONFIG_FIELDS_USED = {"device", "dtype", "seed", "fast_kernels"}
 
 OPTIONS = {
@@ -244,12 +245,8 @@ def chat_loop(chat_model: ChatModel, conversation: Conversation, sampling: gener
 
 
 def main(argv: list[str] | None = None) -> None:
-    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, preset="small")
+    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, reads=CONFIG_FIELDS_USED)
     options, train = parsed.options, parsed.config.train
-    ignored = sorted(parsed.overridden - CONFIG_FIELDS_USED)
-    if ignored:
-        raise UserError(f"--{ignored[0]} has no effect here: chat.py takes the model from the checkpoint; it reads "
-                        "only --device, --dtype, --seed and --fast_kernels of the config fields")
     sampling = generate.Sampling(options["temperature"], options["top_k"], options["top_p"]).validate()
     if options["max_new_tokens"] < 1:
         raise UserError(f"max_new_tokens={options['max_new_tokens']} must be 1 or more")

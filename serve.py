@@ -43,6 +43,7 @@ from config import UserError
 from gptkit import prompts
 from gptkit.cli import parse_args, run_cli
 
+# The model comes from the checkpoint and each request brings its seed: of the config fields serve.py reads only these.
 CONFIG_FIELDS_USED = {"device", "dtype", "fast_kernels"}
 
 OPTIONS = {
@@ -430,12 +431,8 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, preset="small")
+    parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, reads=CONFIG_FIELDS_USED)
     options, train = parsed.options, parsed.config.train
-    ignored = sorted(parsed.overridden - CONFIG_FIELDS_USED)
-    if ignored:
-        raise UserError(f"--{ignored[0]} has no effect here: serve.py takes the model from the checkpoint; it reads "
-                        "only --device, --dtype and --fast_kernels of the config fields (requests bring their seed)")
     if not 0 < options["port"] < 65536:
         raise UserError(f"port={options['port']} is not a TCP port; use e.g. --port=8000")
     if options["max_tokens"] < 1:

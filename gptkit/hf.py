@@ -1,7 +1,8 @@
 """GPT-2 weights in and out of Hugging Face's layout: the name and shape mapping, OpenAI's GPT-2 from the Hub (or a
 local folder), and the config.json transformers reads. gptkit/loading.py loads with it (`--init_from=gpt2|PATH`);
 `python -m tools.export` writes a checkpoint out with it: the GPT-2 form as GPT2LMHeadModel, the llama form
-(position=rope, norm=rmsnorm, mlp=swiglu, any n_kv_head, bias and tie_embeddings) as LlamaForCausalLM.
+(position=rope, norm=rmsnorm, mlp=swiglu, any n_kv_head, bias and tie_embeddings) as LlamaForCausalLM, and GPT-2 with
+rotary positions (position=rope, the `tiny` preset's form) as GPTNeoXForCausalLM.
 """
 
 from __future__ import annotations
@@ -211,10 +212,22 @@ def pretrained_tokenizer(name_or_path: str) -> dict:
     return dict(GPT2_TOKENIZER)
 
 
-def hf_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
-    """A config.json that transformers reads as GPT2LMHeadModel with the same sizes and math as ours."""
+def _common_config_entries(config: ModelConfig, tokenizer: dict) -> dict:
+    """The config.json entries both exported forms share: tied embeddings, the end-of-text token, the tokenizer."""
     is_gpt2_bpe = tokenizer.get("name") == "gpt2" and config.vocab_size > GPT2_EOT  # a GPT-2 BPE vocabulary
     eot = eot_token_id(tokenizer, config.vocab_size)
+    return {
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "tokenizer_class": "GPT2TokenizerFast" if is_gpt2_bpe else None,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def hf_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
+    """A config.json that transformers reads as GPT2LMHeadModel with the same sizes and math as ours."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -234,12 +247,7 @@ def hf_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": eot,
-        "eos_token_id": eot,
-        "tokenizer_class": "GPT2TokenizerFast" if is_gpt2_bpe else None,
-        "torch_dtype": "float32",
-        "use_cache": True,
+        **_common_config_entries(config, tokenizer),
     }
 
 
@@ -247,12 +255,13 @@ def hf_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
 EXPORT_FORMS = {
     "GPT2LMHeadModel": lambda config: dict(position="learned", norm="layernorm", mlp="gelu", n_kv_head=config.n_head),
     "LlamaForCausalLM": lambda config: dict(position="rope", norm="rmsnorm", mlp="swiglu"),
+    "GPTNeoXForCausalLM": lambda config: dict(position="rope", norm="layernorm", mlp="gelu", n_kv_head=config.n_head),
 }
 
 
 def export_architecture(config: ModelConfig) -> str:
-    """The transformers class that computes what this model computes; for a mix of the two forms (e.g. RoPE with
-    LayerNorm), a one-line UserError naming the switches to train with instead. Biases and tying fit either class."""
+    """The transformers class that computes what this model computes; for a mix none computes (e.g. RoPE with
+    RMSNorm and GELU), a one-line UserError naming the switches to train with instead. Biases and tying fit all."""
     switches = dict(position=config.position, norm=config.norm, mlp=config.mlp, n_kv_head=config.kv_heads)
     changes = {name: [f"--{key}={value}" for key, value in form(config).items() if switches[key] != value]
                for name, form in EXPORT_FORMS.items()}
@@ -295,8 +304,6 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 def llama_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
     """A config.json that transformers reads as LlamaForCausalLM with the same sizes and math as ours."""
-    is_gpt2_bpe = tokenizer.get("name") == "gpt2" and config.vocab_size > GPT2_EOT
-    eot = eot_token_id(tokenizer, config.vocab_size)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -316,12 +323,63 @@ def llama_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
         "attention_bias": config.bias,
         "mlp_bias": config.bias,
         "attention_dropout": config.dropout,  # Llama has no residual dropout; equal in eval mode either way
-        "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": eot,
-        "eos_token_id": eot,
-        "tokenizer_class": "GPT2TokenizerFast" if is_gpt2_bpe else None,
-        "torch_dtype": "float32",
-        "use_cache": True,
+        **_common_config_entries(config, tokenizer),
+    }
+
+
+def neox_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' GPTNeoXForCausalLM names: GPT-2's blocks with rotary positions. GPT-NeoX fuses
+    q, k and v per head ([q, k, v] of head 0, then of head 1, ...) where c_attn holds all of q, then k, then v; its
+    MLP and LayerNorms always have biases (zeros for a model without). Same RoPE as ours ("rotate_half")."""
+    config = model.config
+    C, heads, head_size = config.n_embd, config.n_head, config.n_embd // config.n_head
+    ours = {name: t.detach().to("cpu", torch.float32) for name, t in model.state_dict().items()}
+
+    def with_bias(h: str, out: str, theirs: str) -> dict[str, torch.Tensor]:
+        weight = ours[h + ".weight"]
+        bias = ours.get(h + ".bias", torch.zeros(weight.shape[0]))
+        return {f"{out}{theirs}.weight": weight, f"{out}{theirs}.bias": bias}
+
+    tensors = {"gpt_neox.embed_in.weight": ours["transformer.wte.weight"],
+               **with_bias("transformer.ln_f", "gpt_neox.", "final_layer_norm")}
+    if not config.tie_embeddings:
+        tensors["lm_head.weight"] = ours["lm_head.weight"]
+    for layer in range(config.n_layer):
+        h, out = f"transformer.h.{layer}.", f"gpt_neox.layers.{layer}."
+        tensors.update(with_bias(h + "ln_1", out, "input_layernorm"))
+        tensors.update(with_bias(h + "ln_2", out, "post_attention_layernorm"))
+        tensors.update(with_bias(h + "mlp.c_fc", out, "mlp.dense_h_to_4h"))
+        tensors.update(with_bias(h + "mlp.c_proj", out, "mlp.dense_4h_to_h"))
+        tensors.update(with_bias(h + "attn.c_proj", out, "attention.dense"))
+        qkv = with_bias(h + "attn.c_attn", out, "attention.query_key_value")
+        for name, tensor in qkv.items():  # (3, heads, hs, ...) -> (heads, 3, hs, ...): each head's q, k, v together
+            tensors[name] = tensor.reshape(3, heads, head_size, -1).transpose(0, 1).reshape(3 * C, -1).squeeze(-1)
+    return {name: t.contiguous().clone() for name, t in tensors.items()}  # safetensors refuses shared memory
+
+
+def neox_config_dict(config: ModelConfig, tokenizer: dict) -> dict:
+    """A config.json that transformers reads as GPTNeoXForCausalLM with the same sizes and math as ours: one residual
+    after the other (GPT-2's order, not NeoX's parallel one), rotary on every channel of a head."""
+    return {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": mlp_hidden_size(config),
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "hidden_act": "gelu_new",  # the tanh approximation, as in our MLP
+        "max_position_embeddings": config.block_size,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-5,
+        "use_parallel_residual": False,
+        "rotary_pct": 1.0,  # older transformers read these two keys, 5.x reads rope_parameters
+        "rotary_emb_base": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta, "partial_rotary_factor": 1.0},
+        "attention_bias": config.bias,
+        "attention_dropout": config.dropout,
+        "hidden_dropout": config.dropout,
+        **_common_config_entries(config, tokenizer),
     }
 
 

@@ -134,15 +134,19 @@ def test_exported_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, b
     assert saved["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D layout: (in, out)
 
 
-@pytest.mark.parametrize("switches", [dict(arch="llama"), dict(arch="llama", n_kv_head=2, bias=True,
-                                                                  tie_embeddings=False, rope_theta=500.0)],
-                         ids=["llama-gqa", "llama-biases-untied"])
-def test_llama_form_exports_as_llama_for_causal_lm_with_equal_logits_and_greedy_tokens(tmp_path, switches):
+@pytest.mark.parametrize("switches, architecture", [
+    (dict(arch="llama"), "LlamaForCausalLM"),
+    (dict(arch="llama", n_kv_head=2, bias=True, tie_embeddings=False, rope_theta=500.0), "LlamaForCausalLM"),
+    (dict(position="rope"), "GPTNeoXForCausalLM"),
+    (dict(position="rope", bias=False, tie_embeddings=False, rope_theta=500.0), "GPTNeoXForCausalLM"),
+], ids=["llama-gqa", "llama-biases-untied", "gpt2-rope", "gpt2-rope-no-biases-untied"])
+def test_rope_forms_export_to_their_transformers_class_with_equal_logits_and_greedy_tokens(tmp_path, switches,
+                                                                                           architecture):
     ours, ckpt = export_tiny(tmp_path, **switches)
     out = export.export_checkpoint(ckpt, tmp_path / "export")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # offline: a local folder
-    assert type(theirs) is transformers.LlamaForCausalLM
-    assert theirs.config.num_key_value_heads == ours.config.kv_heads
+    assert type(theirs).__name__ == architecture
+    assert getattr(theirs.config, "num_key_value_heads", ours.config.n_head) == ours.config.kv_heads
     x = tokens()
     with torch.no_grad():
         want = theirs(x).logits
@@ -167,12 +171,13 @@ def test_gpt2_form_with_its_own_lm_head_exports_untied(tmp_path):
 
 
 @pytest.mark.parametrize("switches, message", [
-    (dict(position="rope"), r"train with --position=learned \(GPT2LMHeadModel\) or with --norm=rmsnorm "
-                            r"--mlp=swiglu \(LlamaForCausalLM\) to export it"),
+    (dict(position="rope", norm="rmsnorm"), r"train with --mlp=swiglu \(LlamaForCausalLM\) or with "
+                                            r"--norm=layernorm \(GPTNeoXForCausalLM\) or with --position=learned "
+                                            r"--norm=layernorm \(GPT2LMHeadModel\) to export it"),
     (dict(arch="llama", mlp="gelu"), r"\(position=rope, norm=rmsnorm, mlp=gelu, n_kv_head=1\); train with "
                                      r"--mlp=swiglu \(LlamaForCausalLM\)"),
     (dict(n_kv_head=1), r"train with --n_kv_head=2 \(GPT2LMHeadModel\)"),
-], ids=["rope-layernorm-gelu", "llama-with-gelu", "gpt2-with-gqa"])
+], ids=["rope-rmsnorm-gelu", "llama-with-gelu", "gpt2-with-gqa"])
 def test_a_mix_no_transformers_class_computes_is_refused_in_one_line_naming_the_switch(tmp_path, switches, message):
     _, ckpt = export_tiny(tmp_path, **switches)
     with pytest.raises(UserError, match=message) as err:

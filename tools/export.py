@@ -1,6 +1,7 @@
 """Write a checkpoint as a transformers folder: config.json, model.safetensors, tokenizer_spec.json, and the model's
 own tokenizer as tokenizer.json + tokenizer_config.json (AutoTokenizer.from_pretrained(folder), offline). The GPT-2
-form loads as GPT2LMHeadModel, the llama form (--arch=llama) as LlamaForCausalLM; a mix of the two is refused.
+form loads as GPT2LMHeadModel, the llama form (--arch=llama) as LlamaForCausalLM, GPT-2 with RoPE (the `tiny`
+preset's form) as GPTNeoXForCausalLM; a mix no transformers class computes is refused.
 
     python -m tools.export --ckpt=checkpoints/RUN/best.pt --out=DIR      # or make export CKPT=... OUT=...
 """
@@ -24,6 +25,8 @@ from gptkit.hf import (
     hf_state_dict,
     llama_config_dict,
     llama_state_dict,
+    neox_config_dict,
+    neox_state_dict,
     pretrained_tokenizer,
     write_tokenizer_files,
 )
@@ -37,14 +40,17 @@ OPTIONS = {
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a checkpoint as a transformers folder (GPT2LMHeadModel or LlamaForCausalLM): config.json,
-    model.safetensors, tokenizer_spec.json and the tokenizer's own files."""
+    """Write a checkpoint as a transformers folder (GPT2LMHeadModel, LlamaForCausalLM or GPTNeoXForCausalLM):
+    config.json, model.safetensors, tokenizer_spec.json and the tokenizer's own files."""
     from safetensors.torch import save_file
     payload = load_checkpoint(Path(ckpt_path))
     model, config = model_from_checkpoint(payload)
     tokenizer = payload.get("tokenizer") or dict(GPT2_TOKENIZER)
-    if export_architecture(config.model) == "LlamaForCausalLM":  # refuses a mix no transformers class computes
+    architecture = export_architecture(config.model)  # refuses a mix no transformers class computes
+    if architecture == "LlamaForCausalLM":
         tensors, hf_config = llama_state_dict(model), llama_config_dict(config.model, tokenizer)
+    elif architecture == "GPTNeoXForCausalLM":
+        tensors, hf_config = neox_state_dict(model), neox_config_dict(config.model, tokenizer)
     else:
         tensors, hf_config = hf_state_dict(model), hf_config_dict(config.model, tokenizer)
     out = Path(out_dir)
