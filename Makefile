@@ -110,7 +110,7 @@ eval: $(VENV)/.installed ## Perplexity over a whole split (CKPT=|RUN=|INIT=gpt2,
 	$(PY) -m tools.evaluate --split=$(or $(SPLIT),val) $(if $(STRIDE),--stride=$(STRIDE)) $(if $(INIT),--init_from=$(INIT)) \
 	  $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(dataset_arg) $(ARGS)
 
-export: $(VENV)/.installed ## Write a checkpoint as a transformers folder, GPT-2 or Llama form (CKPT=|RUN=, OUT=DIR)
+export: $(VENV)/.installed ## Write a checkpoint as a transformers folder: GPT-2, GPT-NeoX or Llama form (CKPT=|RUN=, OUT=DIR)
 	$(PY) -m tools.export $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(if $(OUT),--out=$(OUT))
 
 average: $(VENV)/.installed ## Average a run's last step checkpoints into average.pt, scored beside the last (RUN=NAME|DIR, ARGS="--last=3")

@@ -167,8 +167,9 @@ def show_attention(prompt: str = "To be, or not to be", ckpt: str = "", run: str
 
 
 def show_model() -> None:
-    """Chapter 4: the tiny preset's GPT, its parameter count, and a first loss near ln(V): it knows nothing yet."""
-    config = PRESETS["tiny"]().model
+    """Chapter 4: a GPT of the tiny preset's shape in the book's GPT-2 form (learned positions), its parameter count,
+    and a first loss near ln(V): it knows nothing yet."""
+    config = PRESETS["tiny"]().model.apply_arch()  # arch=gpt2: back to GPT-2's switches (the preset uses RoPE)
     config.vocab_size = 65  # a character vocabulary
     torch.manual_seed(0)
     model = GPT(config)

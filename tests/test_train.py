@@ -237,7 +237,9 @@ def test_bf16_autocast_learns_the_same_as_float32_within_tolerance():
 
 
 def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path, corpus):
-    run_train(tmp_path, *TINY_ARGS, f"--dataset={corpus}", "--max_iters=4", "--eval_interval=4", "--out_dir=base")
+    # --arch=gpt2: --init_from reads GPT-2's form (tiny's RoPE exports as GPT-NeoX, which it does not import)
+    run_train(tmp_path, *TINY_ARGS, "--arch=gpt2", f"--dataset={corpus}", "--max_iters=4", "--eval_interval=4",
+              "--out_dir=base")
     export.export_checkpoint(tmp_path / "base" / "last.pt", tmp_path / "exported")
     # one step at a negligible learning rate: the fine-tuned weights must still be the exported ones
     run_train(tmp_path, "--preset=tiny", f"--init_from={tmp_path / 'exported'}", f"--dataset={corpus}",
