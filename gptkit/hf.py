@@ -213,7 +213,7 @@ def pretrained_tokenizer(name_or_path: str) -> dict:
 
 
 def _common_config_entries(config: ModelConfig, tokenizer: dict) -> dict:
-    """The config.json entries both exported forms share: tied embeddings, the end-of-text token, the tokenizer."""
+    """The config.json entries every exported form shares: tied embeddings, the end-of-text token, the tokenizer."""
     is_gpt2_bpe = tokenizer.get("name") == "gpt2" and config.vocab_size > GPT2_EOT  # a GPT-2 BPE vocabulary
     eot = eot_token_id(tokenizer, config.vocab_size)
     return {

@@ -38,6 +38,13 @@ OPTIONS = {
     "out": "",  # the folder to write; default: hf/ beside the checkpoint
 }
 
+# Each transformers class export_architecture can name: our weights under its names, and its config.json.
+EXPORTERS = {
+    "GPT2LMHeadModel": (hf_state_dict, hf_config_dict),
+    "LlamaForCausalLM": (llama_state_dict, llama_config_dict),
+    "GPTNeoXForCausalLM": (neox_state_dict, neox_config_dict),
+}
+
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """Write a checkpoint as a transformers folder (GPT2LMHeadModel, LlamaForCausalLM or GPTNeoXForCausalLM):
@@ -46,13 +53,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     payload = load_checkpoint(Path(ckpt_path))
     model, config = model_from_checkpoint(payload)
     tokenizer = payload.get("tokenizer") or dict(GPT2_TOKENIZER)
-    architecture = export_architecture(config.model)  # refuses a mix no transformers class computes
-    if architecture == "LlamaForCausalLM":
-        tensors, hf_config = llama_state_dict(model), llama_config_dict(config.model, tokenizer)
-    elif architecture == "GPTNeoXForCausalLM":
-        tensors, hf_config = neox_state_dict(model), neox_config_dict(config.model, tokenizer)
-    else:
-        tensors, hf_config = hf_state_dict(model), hf_config_dict(config.model, tokenizer)
+    state_dict_for, config_dict_for = EXPORTERS[export_architecture(config.model)]  # refuses a mix no class computes
+    tensors, hf_config = state_dict_for(model), config_dict_for(config.model, tokenizer)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
