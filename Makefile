@@ -35,7 +35,7 @@ preset_arg = $(if $(PRESET),--preset=$(PRESET))
 dataset_arg = $(if $(DATASET),--dataset=$(DATASET))
 
 .PHONY: help setup-all setup install install-force test quick-test lint train train-ddp resume data generate info check-deps \
-        tokenizer init plot bench gpu-check classify instruct chat serve finetune-gpt2 eval export average sweep clean clean-checkpoints \
+        tokenizer init plot bench gpu-check classify instruct chat serve finetune-gpt2 eval export gguf average sweep clean clean-checkpoints \
         clean-all
 
 help: ## List the targets (PRESET=tiny|small|gpt2|..., ARGS="--key=value ...")
@@ -112,6 +112,9 @@ eval: $(VENV)/.installed ## Perplexity over a whole split (CKPT=|RUN=|INIT=gpt2,
 
 export: $(VENV)/.installed ## Write a checkpoint as a transformers folder: GPT-2, GPT-NeoX or Llama form (CKPT=|RUN=, OUT=DIR)
 	$(PY) -m tools.export $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(if $(OUT),--out=$(OUT))
+
+gguf: $(VENV)/.installed ## Write a checkpoint as a GGUF for llama.cpp/Ollama, with a Modelfile (CKPT=|RUN=, OUT=FILE.gguf, DTYPE=f32|f16|q8_0)
+	$(PY) -m tools.gguf $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(if $(OUT),--out=$(OUT)) $(if $(DTYPE),--dtype=$(DTYPE))
 
 average: $(VENV)/.installed ## Average a run's last step checkpoints into average.pt, scored beside the last (RUN=NAME|DIR, ARGS="--last=3")
 	$(PY) -m tools.average $(if $(RUN),--run=$(RUN)) $(ARGS)

@@ -259,9 +259,11 @@ EXPORT_FORMS = {
 }
 
 
-def export_architecture(config: ModelConfig) -> str:
+def export_architecture(config: ModelConfig, kind: str = "transformers class", names: dict[str, str] | None = None,
+                        action: str = "export it") -> str:
     """The transformers class that computes what this model computes; for a mix none computes (e.g. RoPE with
-    RMSNorm and GELU), a one-line UserError naming the switches to train with instead. Biases and tying fit all."""
+    RMSNorm and GELU), a one-line UserError naming the switches to train with instead. Biases and tying fit all.
+    gguf.py asks the same question of llama.cpp: `kind`, `names` (class -> its name there) and `action` word it."""
     switches = dict(position=config.position, norm=config.norm, mlp=config.mlp, n_kv_head=config.kv_heads)
     changes = {name: [f"--{key}={value}" for key, value in form(config).items() if switches[key] != value]
                for name, form in EXPORT_FORMS.items()}
@@ -270,8 +272,10 @@ def export_architecture(config: ModelConfig) -> str:
             return name
     options = sorted(changes.items(), key=lambda item: len(item[1]))
     have = ", ".join(f"{key}={value}" for key, value in switches.items())
-    raise UserError(f"no transformers class computes this mix of switches ({have}); train with "
-                    + " or with ".join(f"{' '.join(needed)} ({name})" for name, needed in options) + " to export it")
+    label = names or {}
+    raise UserError(f"no {kind} computes this mix of switches ({have}); train with "
+                    + " or with ".join(f"{' '.join(needed)} ({label.get(name, name)})" for name, needed in options)
+                    + f" to {action}")
 
 
 def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:

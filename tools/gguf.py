@@ -1,0 +1,49 @@
+"""Write a checkpoint as a GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it
+(gptkit/gguf.py does the work; docs/gguf.md shows how to run the file).
+
+    python -m tools.gguf --ckpt=checkpoints/RUN/best.pt --out=model.gguf [--dtype=f32|f16|q8_0]
+    make gguf OUT=model.gguf                                   # the latest run; CKPT=... or RUN=... for another
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from config import UserError
+from gptkit import gguf
+from gptkit.checkpoint import load_checkpoint, resolve_checkpoint
+from gptkit.cli import parse_args, run_cli
+from gptkit.loading import NOT_LANGUAGE_MODELS, model_from_checkpoint
+
+OPTIONS = {
+    "ckpt": "",  # a checkpoint file or run folder; default: the best checkpoint of the most recent run
+    "run": "",  # a run name under checkpoints/
+    "out": "",  # the .gguf file to write; default: model-DTYPE.gguf beside the checkpoint
+    "dtype": "f32",  # f32, f16 (half the size) or q8_0 (about a quarter; every matrix row a multiple of 32)
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, reads=())  # the config is the checkpoint's
+    dtype = args.options["dtype"]
+    if dtype not in gguf.DTYPES:
+        raise UserError(f"--dtype={dtype} is not one of {', '.join(gguf.DTYPES)}")
+    ckpt = resolve_checkpoint(args.options["ckpt"], args.options["run"], exclude_kinds=NOT_LANGUAGE_MODELS)
+    payload = load_checkpoint(ckpt)
+    if payload.get("classifier"):
+        raise UserError(f"{ckpt} is a classifier, not a language model; llama.cpp runs language models")
+    model, config = model_from_checkpoint(payload)
+    out = Path(args.options["out"] or ckpt.parent / f"model-{dtype}.gguf")
+    written = gguf.write_gguf(payload, model, config, out, dtype, name=ckpt.parent.name)
+    size = written["path"].stat().st_size
+    chat = "with its chat template" if written["chat_template"] else "no chat template (not a chat-tuned run)"
+    print(f"wrote {out} ({written['architecture']}, {dtype}, {size / 1e6:.1f} MB, {chat}) and "
+          f"{written['modelfile']}")
+    print(f"run it: llama-cli -m {out} -p \"...\"   or   ollama create mymodel -f {written['modelfile']} && "
+          "ollama run mymodel")
+    return written
+
+
+if __name__ == "__main__":
+    run_cli(main)
