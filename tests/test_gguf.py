@@ -56,7 +56,8 @@ def corpus(n_lines: int = 300, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     phrases = ["the king rides north", "a storm over the sea", "she sings at night", "床前明月光", "疑是地上霜",
                "old ships and older songs", "举头望明月 🙂", "the knight's sword", "ten thousand 10,000 coins",
-               "What color is snow?", "Snow is white."]
+               "What color is snow?", "Snow is white.", "the sky is blue", "coal is black", "blood is red",
+               "grass is green", "milk is white"]
     return "\n".join(" ".join(rng.choice(phrases, size=3)) for _ in range(n_lines)) + "\n"
 
 
@@ -70,7 +71,7 @@ PASSAGE = ("the king rides north with his sword, and the old man speaks of storm
            " She sings to the sea at night 🙂: ten thousand 10,000 coins for the knight's song! ")
 
 
-def train_briefly(model: GPT, text_ids: list[int], steps: int = 150, seed: int = 0) -> GPT:
+def train_briefly(model: GPT, text_ids: list[int], steps: int, seed: int = 0) -> GPT:
     """Fit the model to one passage (windows of it, AdamW): its greedy continuation of the passage's start then
     recites the passage, a sequence of distinct tokens each chosen by a clear margin, rather than the one token a
     random model repeats. Every weight moves off its initial value (biases off zero, norm gains off one)."""
@@ -78,8 +79,9 @@ def train_briefly(model: GPT, text_ids: list[int], steps: int = 150, seed: int =
     ids = torch.tensor(text_ids * 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     context = model.config.block_size
+    windows = 2 if model.config.vocab_size > 1000 else 8  # GPT-2's 50,257-way head is the cost of a step
     for _ in range(steps):
-        starts = torch.randint(0, len(ids) - context - 1, (8,))
+        starts = torch.randint(0, len(ids) - context - 1, (windows,))
         x = torch.stack([ids[i:i + context] for i in starts])
         y = torch.stack([ids[i + 1:i + 1 + context] for i in starts])
         loss = model(x, y)
@@ -242,10 +244,15 @@ def test_a_tiny_preset_run_trained_by_train_py_runs_in_llama_cpp_as_generate_py_
     sampled = run_script([str(REPO / "generate.py"), "--run=tiny", f"--prompt={PROMPT}", "--temperature=0",
                           f"--max_new_tokens={NEW_TOKENS}", "--device=cpu"], tmp_path)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
+    tokenizer = data.get_tokenizer(load_checkpoint(tmp_path / "checkpoints" / "tiny" / "best.pt")["tokenizer"])
+    prompt = tokenizer.encode(PROMPT)
     llm = llama(tmp_path / "tiny.gguf", 64)
-    theirs = llm.create_completion(PROMPT, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1)
-    assert PROMPT + theirs["choices"][0]["text"] == sampled.stdout.rstrip("\n")
-    assert len(theirs["choices"][0]["text"]) > 20  # it said something: the run learned words from the corpus
+    theirs = generate.until_stop(list(itertools.islice(llm.generate(prompt, temp=0.0), NEW_TOKENS)),
+                                 tokenizer.eot_token)  # generate.py stops at <|endoftext|>
+    assert tokenizer.decode(prompt + theirs) + "\n" == sampled.stdout  # the same tokens, so the same text
+    assert len(set(theirs)) > 10  # it said something: the run learned pieces of the corpus
+    completion = llm.create_completion(PROMPT, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    assert sampled.stdout.startswith(PROMPT + completion[:8])  # llama.cpp's own text completion, from the text
 
 
 # ------------------------------------------------------------------------------------------------ a chat-tuned run
@@ -287,14 +294,15 @@ def serve_answer(root: Path, messages: list[dict], max_tokens: int) -> dict:
 def colors(tmp_path_factory, bpe_spec):
     """A random bpe:300 model tuned by instruct.py to answer one color question and end its turn."""
     root = tmp_path_factory.mktemp("colors")
-    config = ModelConfig(vocab_size=300, n_layer=2, n_head=2, n_embd=32, block_size=64, position="rope")
+    config = ModelConfig(vocab_size=300, n_layer=2, n_head=2, n_embd=32, block_size=128, position="rope")
     save_run(root / "checkpoints" / "base", config, bpe_spec, steps=0)
-    talks = [{"messages": [{"role": "user", "content": f"What color is {thing}?"},
+    talks = [{"messages": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": f"What color is {thing}?"},
                            {"role": "assistant", "content": f"{thing.capitalize()} is {color}."}]}
              for thing, color in COLORS.items()]
     (root / "colors.jsonl").write_text("".join(json.dumps(t) + "\n" for t in talks * 16))
     tuned = run_script([str(REPO / "instruct.py"), "--device=cpu", "--dataset=colors.jsonl",
-                        "--init_from=checkpoints/base/best.pt", "--max_iters=80", "--batch_size=16",
+                        "--init_from=checkpoints/base/best.pt", "--max_iters=200", "--batch_size=16",
                         "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=10", "--eval_interval=1000",
                         "--max_new_tokens=8", "--out_dir=checkpoints/colors"], root, timeout=600)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
@@ -305,22 +313,24 @@ def colors(tmp_path_factory, bpe_spec):
 
 def test_a_chat_tuned_run_answers_through_llama_cpp_chat_completion_as_through_serve_py(colors):
     root, out = colors
-    llm = llama(out, 64)
+    llm = llama(out, 128)
     template = llm.metadata["tokenizer.chat_template"]
     payload = load_checkpoint(root / "checkpoints" / "colors" / "best.pt")
     recorded = prompts.recorded_template(payload["instruct"], 0)
     assert template == gguf.jinja_template(recorded, "<|endoftext|>")
     answers = []
     for thing in ("snow", "sky", "coal"):
-        messages = [{"role": "system", "content": "Answer in one sentence."},
+        messages = [{"role": "system", "content": "Be brief."},
                     {"role": "user", "content": f"What color is {thing}?"}]
-        ours = serve_answer(root, messages, max_tokens=12)
-        theirs = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=12)["choices"][0]
+        ours = serve_answer(root, messages, max_tokens=16)
+        theirs = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=16)["choices"][0]
         assert theirs["message"]["content"] == ours["message"]["content"]
         assert theirs["finish_reason"] == ours["finish_reason"]
         answers.append((ours["message"]["content"], ours["finish_reason"]))
-    # the run learned to answer and to end its turn: the stop token is wired through both
-    assert ("Snow is white.", "stop") in answers, answers
+    # the run learned to answer and to end its turn: the end-of-turn token is wired through both
+    right = [answer == (f"{thing.capitalize()} is {COLORS[thing]}.", "stop")
+             for thing, answer in zip(("snow", "sky", "coal"), answers)]
+    assert sum(right) >= 2, answers
     modelfile = out.with_suffix(".Modelfile").read_text()
     assert 'TEMPLATE """{{ range .Messages }}{{ if eq .Role "system" }}System: {{ .Content }}\n' in modelfile
     assert modelfile.rstrip().endswith('PARAMETER stop "<|endoftext|>"')
@@ -331,7 +341,7 @@ def test_the_jinja_template_renders_what_chat_py_encodes_for_one_question(colors
     import jinja2
 
     root, out = colors
-    llm = llama(out, 64)
+    llm = llama(out, 128)
     tokenizer = data.get_tokenizer(bpe_spec)
     template = prompts.chat_template("chat", tokenizer.eot_token)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What color is sky?"}]
