@@ -298,3 +298,43 @@ def _add_hyperparameters(writer, config: ModelConfig, architecture: str, dtype: 
         writer.add_layer_norm_eps(LAYER_NORM_EPS)
     if architecture == "gptneox":
         writer.add_parallel_residual(False)  # GPT-2's order: attention's residual, then the MLP's
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# llama.cpp's answer beside ours (--compare): needs llama-cpp-python (requirements-dev.txt)
+
+
+def greedy_tokens(model: GPT, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """The most likely next token, again and again (the whole context each step: short runs only)."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids.append(int(model(torch.tensor([ids[-model.config.block_size:]]))[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+def compare_with_llama_cpp(path: Path, model: GPT, prompt_ids: list[int], new_tokens: int = 64) -> dict:
+    """Run the GGUF in llama.cpp (its default float16 KV cache) on the same ids: the largest logit difference over
+    every prompt position, our largest |logit| for scale, and how many greedy tokens agree before the first that
+    differs."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError("--compare runs the file in llama.cpp through llama-cpp-python; install it with "
+                        "venv/bin/python -m pip install llama-cpp-python (requirements-dev.txt)") from None
+    context = model.config.block_size
+    prompt_ids = prompt_ids[:context // 2]
+    new_tokens = min(new_tokens, context - len(prompt_ids))  # the prompt and the continuation fit the context
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, logits_all=True, verbose=False)
+    try:
+        llm.eval(prompt_ids)
+        theirs = torch.tensor(llm.scores[:len(prompt_ids)])
+        with torch.no_grad():
+            ours = model(torch.tensor([prompt_ids]))[0]
+        their_tokens = [t for _, t in zip(range(new_tokens), llm.generate(prompt_ids, temp=0.0, reset=True))]
+    finally:
+        llm.close()
+    our_tokens = greedy_tokens(model, prompt_ids, new_tokens)
+    agree = next((i for i, (a, b) in enumerate(zip(our_tokens, their_tokens)) if a != b), new_tokens)
+    return {"max_logit_difference": float((theirs - ours).abs().max()), "largest_logit": float(ours.abs().max()),
+            "positions": len(prompt_ids), "greedy_agree": agree, "greedy_tokens": new_tokens}

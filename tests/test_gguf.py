@@ -200,7 +200,7 @@ def test_llama_cpp_greedy_continuation_equals_generate_py(form):
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
 def test_smaller_dtypes_load_and_stay_close(form, tmp_path, dtype):
     architecture, model, tokenizer, f32_file, _ = form
-    ckpt = next(f32_file.parent.glob("run/best.pt"))
+    ckpt = f32_file.parent / "run" / "best.pt"
     out = tmp_path / f"model-{dtype}.gguf"
     gguf_tool.main([f"--ckpt={ckpt}", f"--out={out}", f"--dtype={dtype}"])
     assert out.stat().st_size < f32_file.stat().st_size
@@ -208,6 +208,16 @@ def test_smaller_dtypes_load_and_stay_close(form, tmp_path, dtype):
     llm = llama(out, model.config.block_size, kv_f32=True)
     torch.testing.assert_close(their_logits(llm, ids), our_logits(model, ids), atol=LOGITS_ATOL[dtype], rtol=0)
     llm.close()
+
+
+def test_compare_reports_llama_cpps_distance_from_ours(form, tmp_path, capsys):
+    architecture, model, tokenizer, out, _ = form
+    ckpt = out.parent / "run" / "best.pt"
+    found = gguf_tool.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'm.gguf'}", f"--compare={PROMPT}"])["compare"]
+    assert found["positions"] == len(tokenizer.encode(PROMPT)) and found["greedy_tokens"] == 64 - found["positions"]
+    assert found["max_logit_difference"] < 0.05 and found["largest_logit"] > 5.0  # the default float16 KV cache
+    assert found["greedy_agree"] >= NEW_TOKENS
+    assert "llama.cpp beside ours: logits differ by at most" in capsys.readouterr().out
 
 
 def test_the_modelfile_points_at_the_file_and_stops_at_end_of_text(form):

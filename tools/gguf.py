@@ -1,7 +1,7 @@
 """Write a checkpoint as a GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it
 (gptkit/gguf.py does the work; docs/gguf.md shows how to run the file).
 
-    python -m tools.gguf --ckpt=checkpoints/RUN/best.pt --out=model.gguf [--dtype=f32|f16|q8_0]
+    python -m tools.gguf --ckpt=checkpoints/RUN/best.pt --out=model.gguf [--dtype=f32|f16|q8_0] [--compare=PROMPT]
     make gguf OUT=model.gguf                                   # the latest run; CKPT=... or RUN=... for another
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import data
 from config import UserError
 from gptkit import gguf
 from gptkit.checkpoint import load_checkpoint, resolve_checkpoint
@@ -21,6 +22,7 @@ OPTIONS = {
     "run": "",  # a run name under checkpoints/
     "out": "",  # the .gguf file to write; default: model-DTYPE.gguf beside the checkpoint
     "dtype": "f32",  # f32, f16 (half the size) or q8_0 (about a quarter; every matrix row a multiple of 32)
+    "compare": "",  # a prompt: run the file in llama.cpp (llama-cpp-python) and print how close it is to ours
 }
 
 
@@ -40,8 +42,14 @@ def main(argv: list[str] | None = None) -> dict:
     chat = "with its chat template" if written["chat_template"] else "no chat template (not a chat-tuned run)"
     print(f"wrote {out} ({written['architecture']}, {dtype}, {size / 1e6:.1f} MB, {chat}) and "
           f"{written['modelfile']}")
-    print(f"run it: llama-cli -m {out} -p \"...\"   or   ollama create mymodel -f {written['modelfile']} && "
-          "ollama run mymodel")
+    print(f"run it: llama-cli -m {out}   or   ollama create mymodel -f {written['modelfile']} && ollama run mymodel")
+    if args.options["compare"]:
+        prompt_ids = data.get_tokenizer(payload.get("tokenizer") or {"name": "gpt2"}).encode(args.options["compare"])
+        found = gguf.compare_with_llama_cpp(out, model.eval(), prompt_ids)
+        print(f"llama.cpp beside ours: logits differ by at most {found['max_logit_difference']:.4f} over "
+              f"{found['positions']} positions (largest |logit| {found['largest_logit']:.1f}); greedy: "
+              f"{found['greedy_agree']} of {found['greedy_tokens']} tokens the same before the first difference")
+        written["compare"] = found
     return written
 
 
