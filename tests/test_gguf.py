@@ -361,6 +361,37 @@ def test_the_jinja_template_renders_what_chat_py_encodes_for_one_question(colors
     assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == ids
 
 
+@pytest.mark.parametrize("style", ["chat", "alpaca"])
+def test_the_jinja_template_renders_a_whole_conversation_as_our_template_spells_it(style, bpe_spec):
+    """Every role's frame, several turns, the generation prompt: the text our chat code encodes, piece by piece."""
+    import jinja2
+
+    tokenizer = data.get_tokenizer(bpe_spec)
+    template = prompts.chat_template(style, tokenizer.eot_token)
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi\nthere"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What color is snow?"}]
+    jinja = gguf.jinja_template(template, "<|endoftext|>")
+    rendered = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(jinja).render(
+        messages=messages, add_generation_prompt=True)
+    ids = prompts.encode_conversation(template, messages, tokenizer.encode, open_reply=True)[0]
+    assert rendered == tokenizer.decode(ids)
+    assert rendered.endswith(template.assistant) and "Hello!<|endoftext|>" in rendered
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_gets_unused_tokens_llama_cpp_loads(tmp_path, bpe_spec):
+    model, ckpt = save_run(tmp_path / "run", ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=32,
+                                                         block_size=64, position="rope"), bpe_spec, steps=0)
+    tokens, types, _ = gguf.vocabulary(bpe_spec, 320)
+    assert tokens[300:] == [f"[PAD{i}]" for i in range(300, 320)] and set(types[300:]) == {gguf.UNUSED}
+    assert types[0] == gguf.CONTROL and tokens[0] == "<|endoftext|>" and set(types[1:300]) == {gguf.NORMAL}
+    gguf_tool.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'm.gguf'}"])
+    llm = llama(tmp_path / "m.gguf", 64, kv_f32=True)
+    assert llm.n_vocab() == 320
+    ids = data.get_tokenizer(bpe_spec).encode(PASSAGE)[:40]
+    torch.testing.assert_close(their_logits(llm, ids), our_logits(model, ids), atol=LOGITS_ATOL["f32"], rtol=0)
+    llm.close()
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
