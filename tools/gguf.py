@@ -29,8 +29,7 @@ OPTIONS = {
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, reads=())  # the config is the checkpoint's
     dtype = args.options["dtype"]
-    if dtype not in gguf.DTYPES:
-        raise UserError(f"--dtype={dtype} is not one of {', '.join(gguf.DTYPES)}")
+    gguf.check_dtype(dtype, {})  # an unknown --dtype is refused before the checkpoint is read
     ckpt = resolve_checkpoint(args.options["ckpt"], args.options["run"], exclude_kinds=NOT_LANGUAGE_MODELS)
     payload = load_checkpoint(ckpt)
     if payload.get("classifier"):
