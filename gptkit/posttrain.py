@@ -186,7 +186,7 @@ def score(reward: Reward, prompt: object, reply: str, row: dict, where: str) -> 
         value = reward(prompt, reply, row)
     except Exception as err:
         raise UserError(f"the reward function raised on {where} (prompt {str(prompt)[:60]!r}, reply "
-                        f"{reply[:60]!r}): {error_summary(err)}") from None
+                        f"{reply[:60]!r}): {type(err).__name__}: {error_summary(err)}") from None
     if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise UserError(f"the reward function returned {value!r} for {where} (prompt {str(prompt)[:60]!r}); it must "
                         "return a finite number")
