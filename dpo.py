@@ -252,13 +252,13 @@ def start_run(argv: list[str]) -> DPOTask:
     config, options, model = start.config, options_of(start.options), start.gpt
     tokenizer = data.get_tokenizer(start.tokenizer)
     if start.saved is None:
-        info, base = start.base.instruct, start.base
-        template = posttrain.template_of(info, tokenizer.eot_token, base.source)
+        base = start.base
+        info, template = posttrain.template_of(base.instruct, tokenizer.eot_token, base.source, base.trained_on)
         reference = copy.deepcopy(base.model)
         record = {"reference": base.source, "dataset": config.data.dataset}
     else:
         info, record = start.saved["instruct"], start.saved["dpo"]
-        template = posttrain.template_of(info, tokenizer.eot_token, str(start.run_dir))
+        template = posttrain.template_of(info, tokenizer.eot_token, str(start.run_dir))[1]
         reference = loading.load_model(ckpt=record["reference"]).model
     runtime = setup_runtime(config.train.device, config.train.dtype)
     if runtime.distributed:

@@ -250,11 +250,12 @@ def start_run(argv: list[str]) -> RLTask:
     options.validate()
     tokenizer = data.get_tokenizer(start.tokenizer)
     if start.saved is None:
-        info, record = start.base.instruct, {"reference": start.base.source, "dataset": config.data.dataset}
-        template = posttrain.template_of(info, tokenizer.eot_token, start.base.source)
+        record = {"reference": start.base.source, "dataset": config.data.dataset}
+        info, template = posttrain.template_of(start.base.instruct, tokenizer.eot_token, start.base.source,
+                                               start.base.trained_on)
     else:
         info, record = start.saved["instruct"], start.saved["rl"]
-        template = posttrain.template_of(info, tokenizer.eot_token, str(start.run_dir))
+        template = posttrain.template_of(info, tokenizer.eot_token, str(start.run_dir))[1]
     rows = load_rows(config.data.dataset, not options.reward, config.data.val_fraction)
     prompt_ids = [posttrain.encode_prompt(template, row["prompt"], tokenizer.encode, f"train row {i}")
                   for i, row in enumerate(rows["train"])]

@@ -43,12 +43,19 @@ def prompt_messages(prompt: object, where: str) -> list[dict]:
     return messages
 
 
-def template_of(instruct_record: dict | None, end_of_turn: int | None, source: str) -> ChatTemplate:
-    """The chat template an instruct checkpoint records: what turns a prompt into the text the model answers."""
+def template_of(instruct_record: dict | None, end_of_turn: int | None, source: str,
+                trained_on: str | None = None) -> tuple[dict, ChatTemplate]:
+    """The instruct record and chat template of a start: what turns a prompt into the text the model answers. An
+    instruct checkpoint records them; a model pretrained on the built-in task's transcripts (train.py
+    --dataset=addition) has read nothing but that chat style, so it gets the chat template."""
+    if end_of_turn is not None and not instruct_record and trained_on == tasks.ADDITION:
+        instruct_record = {"prompt_style": "chat", "mask_prompt": False, "lora_rank": 0, "lora_alpha": 16.0,
+                           "base": source, "dataset": tasks.ADDITION,
+                           "chat_template": prompts.chat_template("chat", end_of_turn).to_dict()}
     if not instruct_record or end_of_turn is None:
         raise UserError(f"{source} has no chat template (it was not instruction-tuned); start from an instruct run: "
-                        "`make instruct DATASET=addition` (or --init_from=checkpoints/<instruct run>)")
-    return prompts.recorded_template(instruct_record, end_of_turn)
+                        "`make addition` (or --init_from=checkpoints/<instruct run>)")
+    return instruct_record, prompts.recorded_template(instruct_record, end_of_turn)
 
 
 def encode_prompt(template: ChatTemplate, prompt: object, encode: Callable[[str], list[int]], where: str) -> list[int]:

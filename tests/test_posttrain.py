@@ -192,7 +192,7 @@ def test_dpo_refuses_bad_pairs_with_the_row_and_exit_2(sft_start, row, message):
     assert not (sft_start / "ck/bad-dpo/last.pt").exists()
 
 
-def test_rl_refuses_a_missing_answer_a_raising_reward_and_a_start_without_a_template(sft_start, tmp_path):
+def test_rl_refuses_a_missing_answer_and_names_the_row_a_reward_raised_on(sft_start, tmp_path):
     rows = tmp_path / "q.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{i}+1"}) + "\n" for i in range(10)))
     result = run("rl.py", "--init_from=ck/sft", f"--dataset={rows}", "--device=cpu", "--out_dir=ck/bad-rl",
@@ -206,5 +206,10 @@ def test_rl_refuses_a_missing_answer_a_raising_reward_and_a_start_without_a_temp
                  "--out_dir=ck/bad-rl2", "--max_iters=1", cwd=sft_start, check=False)
     assert result.returncode == 2 and "reward function raised on" in result.stderr and "row 3" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run("rl.py", "--init_from=ck/base", "--device=cpu", "--out_dir=ck/bad-rl3", cwd=sft_start, check=False)
-    assert result.returncode == 2 and "has no chat template" in result.stderr
+
+
+def test_a_start_without_a_chat_template_is_refused_unless_it_read_only_the_tasks_transcripts():
+    with pytest.raises(UserError, match="base.pt has no chat template"):
+        posttrain.template_of(None, 256, "base.pt", trained_on="shakespeare")
+    info, template = posttrain.template_of(None, 256, "base.pt", trained_on="addition")
+    assert info["prompt_style"] == "chat" and template.user == "User: {content}\n"
