@@ -25,15 +25,17 @@ OPTIONS = {
     "start": "",  # an instruct run on --dataset=addition to start from; empty: make one (SFT from scratch)
     "out": "checkpoints/post-training-bench",  # where the runs and results.json go
     "sft_steps": 2000,  # the SFT start's steps (batch 16, learning rate 3e-3), when it is made here (make addition's)
-    "only": "",  # comma-separated subset of: more_sft, dpo, dpo_sum, dpo_nll, rl (empty: all)
+    "only": "",  # comma-separated subset of VARIANTS' names, e.g. rl,dpo (empty: all)
 }
 # Each variant: the script, and its arguments beyond --init_from and --out_dir. Step counts chosen so each takes
 # about the same time as rl's 200 on 2 loaded CPU cores (the seconds measured are in the table).
 VARIANTS = {
     "more_sft": ("instruct.py", ["--dataset=addition", "--max_iters=1500", "--batch_size=16", "--learning_rate=3e-3",
                                  "--eval_interval=500"]),
-    "dpo": ("dpo.py", ["--max_iters=500", "--eval_interval=100"]),
-    "dpo_sum": ("dpo.py", ["--max_iters=500", "--eval_interval=100", "--loss_type=sigmoid"]),
+    "dpo": ("dpo.py", ["--max_iters=500", "--eval_interval=100"]),  # its defaults: lr 2e-6, sigmoid_norm, beta 0.1
+    "dpo_lr1e-5": ("dpo.py", ["--max_iters=500", "--eval_interval=100", "--learning_rate=1e-5"]),
+    "dpo_sum_lr1e-5": ("dpo.py", ["--max_iters=500", "--eval_interval=100", "--learning_rate=1e-5",
+                                  "--loss_type=sigmoid"]),
     "dpo_nll": ("dpo.py", ["--max_iters=500", "--eval_interval=100", "--nll_weight=1", "--learning_rate=3e-5"]),
     "rl": ("rl.py", ["--max_iters=200", "--eval_interval=50"]),
 }
