@@ -176,6 +176,9 @@ def test_dpo_runs_with_pairs_from_its_own_samples_and_logs_margins(sft_start):
     first = next(r for r in steps if r["kind"] == "train")
     assert {"reward_margin", "reward_accuracy"} <= first.keys()
     assert first["train_loss"] == pytest.approx(math.log(2), abs=0.05)  # step 1: the policy is the reference
+    resumed = run("dpo.py", "--resume", "--out_dir=ck/dpo", "--max_iters=3", "--device=cpu", cwd=folder)
+    assert "resuming ck/dpo at step 2" in resumed.stdout and "done: 3 steps" in resumed.stdout
+    assert "making pairs" not in resumed.stdout  # it trains on the pairs it made
 
 
 @pytest.mark.parametrize("row, message", [
