@@ -49,9 +49,9 @@ NOT_READ = {"text_column": "rl.py reads the prompt and answer fields",
 # ----------------------------------------------------------------------------------------------------------------
 # Data: questions with a checkable answer
 
-
-def read_rows(path: Path, needs_answer: bool) -> list[dict]:
-    """A .jsonl file of {"prompt", "answer", ...} rows (answer needed by the default reward), each checked."""
+def read_rows(path: Path, needs_answer: bool) -> tuple[list[dict], list[str]]:
+    """A .jsonl file of {"prompt", "answer", ...} rows (answer needed by the default reward), each checked; and each
+    row's place in the file ("q.jsonl line 4"), to name it when the reward fails on it."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -59,7 +59,7 @@ def read_rows(path: Path, needs_answer: bool) -> list[dict]:
                         f"--dataset={tasks.ADDITION} for the built-in task") from None
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"--dataset={path} could not be read as UTF-8 text ({err})") from None
-    rows = []
+    rows, places = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -75,19 +75,22 @@ def read_rows(path: Path, needs_answer: bool) -> list[dict]:
             raise UserError(f"{where} has no 'answer' for the default exact-match reward; add it, or pass "
                             "--reward=path/to/file.py:function")
         rows.append(row)
+        places.append(where)
     if len(rows) < 2:
         raise UserError(f"--dataset={path} holds {len(rows)} row(s); give at least a few dozen")
-    return rows
+    return rows, places
 
 
-def load_rows(dataset: str, needs_answer: bool, val_fraction: float) -> dict[str, list[dict]]:
-    """train, val and test rows: the built-in task's own splits, or a file's last val_fraction held out (as both
-    val and test: a file has one held-out part)."""
+def load_rows(dataset: str, needs_answer: bool, val_fraction: float) -> tuple[dict, dict]:
+    """train, val and test rows, and each row's place (named when the reward fails on it): the built-in task's own
+    splits, or a file's last val_fraction held out (as both val and test: a file has one held-out part)."""
     if dataset == tasks.ADDITION:
-        return tasks.addition_splits()
-    rows = read_rows(Path(dataset), needs_answer)
+        splits = tasks.addition_splits()
+        return splits, {split: [f"{split} row {i}" for i in range(len(rows))] for split, rows in splits.items()}
+    rows, places = read_rows(Path(dataset), needs_answer)
     n_val = min(len(rows) - 1, max(1, round(len(rows) * val_fraction)))
-    return {"train": rows[:-n_val], "val": rows[-n_val:], "test": rows[-n_val:]}
+    return ({"train": rows[:-n_val], "val": rows[-n_val:], "test": rows[-n_val:]},
+            {"train": places[:-n_val], "val": places[-n_val:], "test": places[-n_val:]})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,11 +147,11 @@ class Rollouts:
                                                    tokenizer.eot_token, tokenizer.vocab_size, self.sampler)
         seconds = time.perf_counter() - started
         model.train()
-        rows = [task.rows["train"][i] for i in picked for _ in range(options.group_size)]
-        rewards = torch.tensor([posttrain.score(task.reward, row["prompt"], instruct.reply_text(tokenizer, reply),
-                                                row, f"train row {index}")
-                                for reply, row, index in zip(replies, rows, [i for i in picked
-                                                                             for _ in range(options.group_size)])])
+        indices = [i for i in picked for _ in range(options.group_size)]  # each sample's train row
+        rewards = torch.tensor([posttrain.score(task.reward, task.rows["train"][i]["prompt"],
+                                                instruct.reply_text(tokenizer, reply), task.rows["train"][i],
+                                                task.places["train"][i])
+                                for reply, i in zip(replies, indices)])
         groups = rewards.view(len(picked), options.group_size)
         advantages = posttrain.group_advantages(groups, options.scale_by_std).flatten()
         x, y, mask = posttrain.pad_pairs(prompts, [r if r else [tokenizer.eot_token] for r in replies],
@@ -191,6 +194,7 @@ class RLTask:
     model: GPT
     reference: GPT | None  # only with --kl_coef > 0
     rows: dict[str, list[dict]]
+    places: dict[str, list[str]]  # each row's place, named when the reward fails on it
     prompt_ids: list[list[int]]  # the train rows' prompts as ids
     reward: posttrain.Reward
     info: dict
@@ -208,23 +212,24 @@ def rollout_loss(task: RLTask, rollout: Rollout) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_reward(task: RLTask, rows: list[dict], where: str) -> float:
-    """The mean reward of greedy replies: with the default reward, the exact-match accuracy."""
+def held_out_reward(task: RLTask, split: str, limit: int | None = None) -> float:
+    """The mean reward of greedy replies to a held-out split (its first `limit` rows): with the default reward, the
+    exact-match accuracy."""
     was_training = task.model.training
     task.model.eval()
-    tokenizer = task.tokenizer
-    ids = [posttrain.encode_prompt(task.template, row["prompt"], tokenizer.encode, f"{where} row {i}")
-           for i, row in enumerate(rows)]
+    tokenizer, rows, places = task.tokenizer, task.rows[split][:limit], task.places[split][:limit]
+    ids = [posttrain.encode_prompt(task.template, row["prompt"], tokenizer.encode, place)
+           for row, place in zip(rows, places)]
     replies, _ = instruct.sample_replies(task.model, ids, task.options.max_new_tokens,
                                          generate.Sampling(temperature=0.0), tokenizer.eot_token, tokenizer.vocab_size)
     task.model.train(was_training)
-    return sum(posttrain.score(task.reward, row["prompt"], instruct.reply_text(tokenizer, reply), row,
-                               f"{where} row {i}") for i, (reply, row) in enumerate(zip(replies, rows))) / len(rows)
+    return sum(posttrain.score(task.reward, row["prompt"], instruct.reply_text(tokenizer, reply), row, place)
+               for reply, row, place in zip(replies, rows, places)) / len(rows)
 
 
 def measure(task: RLTask) -> Evaluation:
     """best.pt is the best held-out reward (val_loss = 1 - it)."""
-    accuracy = held_out_reward(task, task.rows["val"][:task.options.eval_rows], "val")
+    accuracy = held_out_reward(task, "val", task.options.eval_rows)
     return Evaluation(1 - accuracy, f"val reward (greedy) {accuracy:.1%}", {"val_accuracy": accuracy})
 
 
@@ -256,9 +261,9 @@ def start_run(argv: list[str]) -> RLTask:
     else:
         info, record = start.saved["instruct"], start.saved["rl"]
         template = posttrain.template_of(info, tokenizer.eot_token, str(start.run_dir))[1]
-    rows = load_rows(config.data.dataset, not options.reward, config.data.val_fraction)
-    prompt_ids = [posttrain.encode_prompt(template, row["prompt"], tokenizer.encode, f"train row {i}")
-                  for i, row in enumerate(rows["train"])]
+    rows, places = load_rows(config.data.dataset, not options.reward, config.data.val_fraction)
+    prompt_ids = [posttrain.encode_prompt(template, row["prompt"], tokenizer.encode, place)
+                  for row, place in zip(rows["train"], places["train"])]
     runtime = setup_runtime(config.train.device, config.train.dtype)
     if runtime.distributed:
         raise UserError("rl.py runs in one process; start it with python, not torchrun")
@@ -271,7 +276,7 @@ def start_run(argv: list[str]) -> RLTask:
         reference = copy.deepcopy(model) if start.saved is None else loading.load_model(ckpt=record["reference"]).model
         reference.to(runtime.device).eval().requires_grad_(False)
 
-    task = RLTask(None, options, tokenizer, template, model, reference, rows, prompt_ids, reward, info)
+    task = RLTask(None, options, tokenizer, template, model, reference, rows, places, prompt_ids, reward, info)
     rollouts = Rollouts(task, config.train.seed)
 
     def record_entries() -> dict:
@@ -292,7 +297,7 @@ def start_run(argv: list[str]) -> RLTask:
 
 def finish(task: RLTask, before: float | None) -> None:
     run = task.run
-    after = held_out_reward(task, task.rows["test"], "test")
+    after = held_out_reward(task, "test")
     results = {"steps": run.state.step, "elapsed_s": run.state.elapsed_s, "test_reward": {"before": before,
                                                                                           "after": after}}
     (run.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -309,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     task = start_run(argv)
     run, before = task.run, None
     if run.state.step == 0:
-        before = held_out_reward(task, task.rows["test"], "test")
+        before = held_out_reward(task, "test")
         print(f"before RL: test reward (greedy; exact match unless --reward) {before:.1%}")
     stop = StopRequest()
     stop.install()

@@ -207,7 +207,7 @@ def test_rl_refuses_a_missing_answer_and_names_the_row_a_reward_raised_on(sft_st
     rows.write_text("".join(json.dumps({"prompt": f"{i}+1", "n": i}) + "\n" for i in range(10)))
     result = run("rl.py", "--init_from=ck/sft", f"--dataset={rows}", f"--reward={reward}:score", "--device=cpu",
                  "--out_dir=ck/bad-rl2", "--max_iters=1", cwd=sft_start, check=False)
-    assert result.returncode == 2 and "reward function raised on" in result.stderr and "row 3" in result.stderr
+    assert result.returncode == 2 and f"reward function raised on {rows} line 4 " in result.stderr
     assert "Traceback" not in result.stderr
 
 
