@@ -39,8 +39,8 @@ from train import Evaluation, Run, end_of_training, start_fine_tuning, train_loo
 OPTIONS_CONFIG = RLConfig  # --help reads each option's help from its field in config.py
 OPTIONS = dataclasses.asdict(RLConfig())
 # AdamW at 1e-4 without decay, as the measured prototype (issue 37); a constant rate after a short warmup.
-DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-4, "weight_decay": 0.0, "warmup_iters": 5, "max_iters": 60,
-            "eval_interval": 20, "log_interval": 5, "dataset": tasks.ADDITION, "optimizer": "adamw",
+DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-4, "weight_decay": 0.0, "warmup_iters": 5, "max_iters": 200,
+            "eval_interval": 50, "log_interval": 5, "dataset": tasks.ADDITION, "optimizer": "adamw",
             "lr_schedule": "cosine"}
 NOT_READ = {"text_column": "rl.py reads the prompt and answer fields",
             "batch_size": "a step's batch is --prompts_per_step prompts x --group_size sampled replies"}
