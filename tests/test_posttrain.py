@@ -158,6 +158,13 @@ def test_rl_runs_resumes_and_its_run_chats(sft_start):
     assert any(r["kind"] == "eval" and "val_accuracy" in r for r in train_log)
     resumed = run("rl.py", "--resume", "--out_dir=ck/rl", "--max_iters=3", "--device=cpu", cwd=folder)
     assert "resuming ck/rl at step 2" in resumed.stdout and "done: 3 steps" in resumed.stdout
+    # the KL penalty to the frozen start and PPO-style reuse of one batch for two updates
+    run("rl.py", *args[:-1], "--out_dir=ck/rl-kl", "--kl_coef=0.1", "--updates_per_batch=2", "--max_iters=2",
+        cwd=folder)
+    kl_steps = [json.loads(line) for line in (folder / "ck/rl-kl/metrics.jsonl").read_text().splitlines()]
+    assert [r["kl"] for r in kl_steps if r["kind"] == "train"][0] == pytest.approx(0, abs=1e-6)  # step 1: at the start
+    resumed = run("rl.py", "--resume", "--out_dir=ck/rl-kl", "--max_iters=3", "--device=cpu", cwd=folder)
+    assert "done: 3 steps" in resumed.stdout  # the reference reloaded from where the run started
     # its checkpoint is an instruct checkpoint too: chat.py answers the task's question in its template
     chat = subprocess.run([sys.executable, str(REPO / "chat.py"), "--ckpt=ck/rl", "--max_new_tokens=5"], cwd=folder,
                           input="12+30\n", capture_output=True, text=True, timeout=120,
