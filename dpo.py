@@ -224,6 +224,7 @@ def measure(task: DPOTask) -> Evaluation:
 
 def resolve_config(argv: list[str]):
     parsed = finetune.parse(argv, OPTIONS, DEFAULTS, not_read=NOT_READ)
+    options_of(parsed.options)  # a bad option is named before anything is looked for
     if parsed.config.train.init_from == "scratch" and not parsed.config.train.resume:
         parsed.config.train.init_from = str(latest_instruct_run())
     return parsed
@@ -233,8 +234,8 @@ def latest_instruct_run() -> Path:
     try:
         return checkpoint.latest_run(kinds=("instruct",))
     except UserError:
-        raise UserError("no instruct run under checkpoints/ to start from; make one with `make instruct "
-                        "DATASET=addition` (see README), or pass --init_from=checkpoints/<instruct run>") from None
+        raise UserError("no instruct run under checkpoints/ to start from; make one with `make addition` "
+                        "(see docs/post-training.md), or pass --init_from=checkpoints/<instruct run>") from None
 
 
 def options_of(raw: dict) -> DPOConfig:

@@ -237,22 +237,24 @@ def latest_instruct_run() -> Path:
     try:
         return checkpoint.latest_run(kinds=("instruct",))
     except UserError:
-        raise UserError("no instruct run under checkpoints/ to start from; make one with `make instruct "
-                        "DATASET=addition` (see README), or pass --init_from=checkpoints/<instruct run>") from None
+        raise UserError("no instruct run under checkpoints/ to start from; make one with `make addition` "
+                        "(see docs/post-training.md), or pass --init_from=checkpoints/<instruct run>") from None
 
 
 def start_run(argv: list[str]) -> RLTask:
     parsed = finetune.parse(argv, OPTIONS, DEFAULTS, not_read=NOT_READ)
+    options = RLConfig(**{f.name: parsed.options[f.name] for f in dataclasses.fields(RLConfig)})
+    options.validate()  # a bad option or reward is named before anything is looked for
+    reward = posttrain.load_reward(options.reward) if options.reward else posttrain.exact_match_reward
     if parsed.config.train.init_from == "scratch" and not parsed.config.train.resume:
         parsed.config.train.init_from = str(latest_instruct_run())
-    options = RLConfig(**{f.name: parsed.options[f.name] for f in dataclasses.fields(RLConfig)})
-    options.validate()
-    reward = posttrain.load_reward(options.reward) if options.reward else posttrain.exact_match_reward
     start = finetune.start(parsed, argv, kind="rl", folder_prefix="rl", record_key="rl",
                            options_a_resume_may_change=("eval_rows", "max_new_tokens"))
     config, model = start.config, start.gpt
     options = RLConfig(**{f.name: start.options[f.name] for f in dataclasses.fields(RLConfig)})
     options.validate()
+    if options.reward != parsed.options["reward"]:  # a resumed run keeps the reward it was started with
+        reward = posttrain.load_reward(options.reward) if options.reward else posttrain.exact_match_reward
     tokenizer = data.get_tokenizer(start.tokenizer)
     if start.saved is None:
         record = {"reference": start.base.source, "dataset": config.data.dataset}
