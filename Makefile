@@ -97,6 +97,20 @@ classify: $(VENV)/.installed ## Fine-tune the latest run into a classifier (offl
 instruct: $(VENV)/.installed ## Instruction-tune the latest run (offline: chatterbot-corpus dialogues; ARGS="--dataset=F.json ...")
 	$(PY) instruct.py $(if $(INIT),--init_from=$(INIT)) $(dataset_arg) $(ARGS)
 
+.PHONY: addition dpo rl post-training-bench
+addition: $(VENV)/.installed ## The SFT start for dpo/rl: a tiny model taught two-digit sums from scratch (about 2 minutes on a CPU)
+	$(PY) train.py --preset=tiny --dataset=addition --tokenizer=bpe:257 --max_iters=1 --run_name=addition-base-$$(date +%Y%m%d-%H%M%S)
+	$(PY) instruct.py --dataset=addition --max_iters=2000 --batch_size=16 --learning_rate=3e-3 $(ARGS)
+
+dpo: $(VENV)/.installed ## DPO on the latest instruct run (offline: pairs from its own samples of the addition task; ARGS="--beta=0.1 ...")
+	$(PY) dpo.py $(if $(INIT),--init_from=$(INIT)) $(dataset_arg) $(ARGS)
+
+rl: $(VENV)/.installed ## GRPO with verifiable rewards on the latest instruct run (offline: the addition task; ARGS="--reward=f.py:fn ...")
+	$(PY) rl.py $(if $(INIT),--init_from=$(INIT)) $(dataset_arg) $(ARGS)
+
+post-training-bench: $(VENV)/.installed ## SFT alone, more SFT, DPO (with/without NLL) and RL from one SFT start, same steps (docs/post-training.md)
+	OMP_NUM_THREADS=1 $(PY) -m tools.post_training_bench $(ARGS)
+
 chat: $(VENV)/.installed ## Chat in the terminal with the latest instruct run (CKPT=PATH, RUN=NAME, ARGS="--system=...")
 	$(PY) chat.py $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(ARGS)
 

@@ -221,6 +221,56 @@ class DataConfig:
             raise ConfigError("dataset is empty; use --dataset=wikitext2, shakespeare or a path to your text")
 
 
+DPO_LOSS_TYPES = ("sigmoid", "sigmoid_norm")
+
+
+@dataclass
+class DPOConfig:
+    """dpo.py's own settings (its --help lists them); the optimisation is TrainConfig's."""
+    beta: float = 0.1  # DPO's beta: the larger, the closer the policy stays to the reference (the start)
+    loss_type: str = "sigmoid_norm"  # sigmoid: summed reply log-probs (the paper's); sigmoid_norm: per-token mean
+    nll_weight: float = 0.0  # > 0: add the chosen reply's per-token NLL times this (RPO); that term is more SFT
+    samples_per_prompt: int = 4  # built-in task: replies sampled per question, labelled by the checker, into pairs
+    sample_temperature: float = 1.0  # built-in task: the temperature of those samples
+    max_new_tokens: int = 16  # the longest reply sampled (pairs, and the accuracy's greedy replies)
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"beta={self.beta} must be positive, e.g. --beta=0.1")
+        require_choice("loss_type", self.loss_type, DPO_LOSS_TYPES)
+        if self.nll_weight < 0:
+            raise ConfigError(f"nll_weight={self.nll_weight} must be 0 (off) or more, e.g. --nll_weight=1")
+        for name in ("samples_per_prompt", "max_new_tokens"):
+            _require_positive(name, getattr(self, name))
+        if self.sample_temperature <= 0:
+            raise ConfigError(f"sample_temperature={self.sample_temperature} must be positive, e.g. 1.0")
+
+
+@dataclass
+class RLConfig:
+    """rl.py's own settings (its --help lists them); the optimisation is TrainConfig's."""
+    group_size: int = 8  # G: replies sampled per prompt; advantages compare them with each other
+    prompts_per_step: int = 8  # prompts per optimizer step (each with its G replies)
+    temperature: float = 0.5  # sampling temperature; at 1.0 a small model rarely samples a right answer (docs)
+    max_new_tokens: int = 16  # the longest reply sampled
+    scale_by_std: bool = True  # divide each advantage by its group's standard deviation (GRPO); False: only centre
+    kl_coef: float = 0.0  # > 0: penalise the KL divergence to the reference (the start) by this weight
+    clip_eps: float = 0.2  # PPO's clipping of the probability ratio, when a batch serves several updates
+    updates_per_batch: int = 1  # optimizer steps on each batch of samples (> 1: PPO-style reuse, clipped)
+    reward: str = ""  # path/to/file.py:function(prompt, reply, row) -> number; empty: exact match with "answer"
+    eval_rows: int = 200  # held-out prompts scored (greedy) at each evaluation
+
+    def validate(self) -> None:
+        for name in ("group_size", "prompts_per_step", "max_new_tokens", "updates_per_batch", "eval_rows"):
+            _require_positive(name, getattr(self, name))
+        if self.group_size < 2:
+            raise ConfigError(f"group_size={self.group_size}: a group needs 2 or more replies to compare, e.g. 8")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} must be positive (RL samples), e.g. 0.5")
+        if self.kl_coef < 0 or not 0 < self.clip_eps < 1:
+            raise ConfigError(f"kl_coef={self.kl_coef} must be >= 0 and clip_eps={self.clip_eps} in (0, 1)")
+
+
 BPE_SPECIAL_TOKENS = ("<|endoftext|>",)  # a bpe:N vocabulary holds the 256 bytes, these, and N - 257 merges
 BPE_MIN_SIZE = 256 + len(BPE_SPECIAL_TOKENS)
 

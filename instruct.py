@@ -30,7 +30,7 @@ import data
 import generate
 import lora
 from config import ConfigError, UserError, error_summary
-from gptkit import fast, finetune, prompts, runinfo, sources
+from gptkit import fast, finetune, posttrain, prompts, runinfo, sources, tasks
 from gptkit.cli import ParsedArgs, parse_bool, run_cli
 from gptkit.prompts import format_prompt
 from gptkit.runtime import Runtime, StopRequest, setup_runtime
@@ -205,6 +205,9 @@ def load_splits(dataset: str, options: dict, val_fraction: float, seed: int) -> 
     columns = {key: options[f"{key}_column"] for key in ("instruction", "input", "output")}
     if dataset == DEFAULT_DATASET:
         splits = {"train": chatterbot_entries()}
+    elif dataset == tasks.ADDITION:  # the built-in verifiable task, with its own splits (gptkit/tasks.py)
+        return {split: [Entry(row["prompt"], "", row["answer"]) for row in rows]
+                for split, rows in tasks.addition_splits().items()}
     elif dataset.startswith("hf:"):
         splits = read_hf(dataset, columns)
     else:
@@ -242,8 +245,8 @@ def record_template(info: dict, train_entries: list[Entry | Conversation], token
     otherwise. A conversation's loss is on its replies alone, so a data set of conversations only records that as
     mask_prompt."""
     conversations = sum(isinstance(entry, Conversation) for entry in train_entries)
-    if info["prompt_style"] == "auto":
-        info["prompt_style"] = "chat" if conversations else "alpaca"
+    if info["prompt_style"] == "auto":  # the built-in task's questions are short: its text is a chat transcript
+        info["prompt_style"] = "chat" if conversations or info.get("dataset") == tasks.ADDITION else "alpaca"
     if conversations == len(train_entries):
         info["mask_prompt"] = True
     info["chat_template"] = prompts.chat_template(info["prompt_style"], tokenizer.eot_token).to_dict()
@@ -346,6 +349,54 @@ def respond(model: GPT, tokenizer: data.Tokenizer, style: str, entry: Entry | Co
                                generate.Sampling(temperature=0.0), stop_token=tokenizer.eot_token,
                                vocab_size=tokenizer.vocab_size)
     return tokenizer.decode(generate.until_stop(result.tokens[0].tolist(), tokenizer.eot_token)).strip()
+
+
+def sample_replies(model: GPT, prompt_ids: list[list[int]], max_new_tokens: int, sampling: generate.Sampling,
+                   end_token: int, vocab_size: int, generator: torch.Generator | None = None,
+                   max_rows: int = 256) -> tuple[list[list[int]], int]:
+    """A reply to each prompt (its ids up to and including the end token), and the tokens decoded. Prompts of the
+    same length are continued together, up to max_rows at a time, through one KV cache: rl.py's G samples of a
+    question are G rows of one batch, never G runs. Call with the model in eval mode."""
+    device = model.lm_head.weight.device
+    by_length: dict[int, list[int]] = {}
+    for index, ids in enumerate(prompt_ids):
+        by_length.setdefault(len(ids), []).append(index)
+    replies: list[list[int]] = [[] for _ in prompt_ids]
+    decoded = 0
+    for rows in by_length.values():
+        for start in range(0, len(rows), max_rows):
+            chunk = rows[start:start + max_rows]
+            batch = torch.tensor([prompt_ids[i][-model.config.block_size:] for i in chunk], device=device)
+            result = generate.generate(model, batch, max_new_tokens, sampling, generator, stop_token=end_token,
+                                       vocab_size=vocab_size)
+            for row, sampled in zip(chunk, result.tokens.tolist()):
+                replies[row] = posttrain.reply_tokens(sampled, end_token)
+            decoded += result.decoded_tokens
+    return replies, decoded
+
+
+def reply_text(tokenizer: data.Tokenizer, reply: list[int]) -> str:
+    return tokenizer.decode(generate.until_stop(reply, tokenizer.eot_token))
+
+
+@torch.no_grad()
+def exact_match_accuracy(model: GPT, tokenizer: data.Tokenizer, template: prompts.ChatTemplate, rows: list[dict],
+                         max_new_tokens: int = 0) -> float:
+    """The share of rows ({"prompt", "answer"}) whose greedy reply, stripped, is the answer: the verifiable task's
+    accuracy, printed before and after each stage (SFT, DPO, RL). max_new_tokens 0: the longest answer's tokens + 2."""
+    was_training = model.training
+    model.eval()
+    ids = [posttrain.encode_prompt(template, row["prompt"], tokenizer.encode, f"row {i}") for i, row in enumerate(rows)]
+    longest = max(len(tokenizer.encode(str(row["answer"]))) for row in rows)
+    replies, _ = sample_replies(model, ids, max_new_tokens or longest + 2, generate.Sampling(temperature=0.0),
+                                tokenizer.eot_token, tokenizer.vocab_size)
+    model.train(was_training)
+    right = sum(tasks.exact_match(reply_text(tokenizer, reply), row["answer"]) for reply, row in zip(replies, rows))
+    return right / len(rows)
+
+
+def task_rows(entries: list[Entry]) -> list[dict]:
+    return [{"prompt": entry.instruction, "answer": entry.output} for entry in entries]
 
 
 # The book's judge prompt (chapter 7.8), with the task as the alpaca prompt shows it (without "### Response:").
@@ -536,6 +587,11 @@ def finish(task: InstructTask, val_before: float | None, val_after: float) -> No
         if results["judge"].get("mean_score") is not None:
             print(f"judge {options['judge_model']}: mean score {results['judge']['mean_score']:.1f} of 100 over "
                   f"{results['judge']['scored']} responses")
+    if task.info.get("dataset") == tasks.ADDITION:
+        template = prompts.recorded_template(task.info, task.tokenizer.eot_token)
+        results["test_exact_match"] = exact_match_accuracy(task.model, task.tokenizer, template,
+                                                           task_rows(task.splits["test"]))
+        print(f"test exact match (greedy): {results['test_exact_match']:.1%} of {len(responses)} questions")
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     runinfo.plot_run(run_dir)
     for example in responses[:3]:  # plain labels: the run's own prompt style may be alpaca's or chat's
@@ -555,6 +611,10 @@ def main(argv: list[str] | None = None) -> None:
     if run.state.step == 0:
         val_before = val_loss_now(task)
         print(f"before training: val response loss {val_before:.4f}, perplexity {perplexity(val_before):.2f}")
+        if task.info.get("dataset") == tasks.ADDITION:
+            template = prompts.recorded_template(task.info, task.tokenizer.eot_token)
+            accuracy = exact_match_accuracy(task.model, task.tokenizer, template, task_rows(task.splits["test"]))
+            print(f"before training: test exact match (greedy) {accuracy:.1%}")
     stop = StopRequest()
     stop.install()
     stopped_early = train_loop(run, stop, measure=lambda: measure(task))

@@ -80,8 +80,12 @@ def perplexity(loss: float) -> float:
 
 
 def train_step(model, optimizer, scaler, batches: Batches, runtime: Runtime, train: TrainConfig,
-               lr: float, culprits: list[int] | None = None) -> torch.Tensor | None:
+               lr: float, culprits: list[int] | None = None,
+               compute_loss: Callable[[object], torch.Tensor] | None = None) -> torch.Tensor | None:
     """One optimizer step over gradient_accumulation_steps micro-batches: batch, forward, backward, clip, step.
+
+    A batch is (x, y) and its loss the model's next-token loss, unless the task passes `compute_loss`, which takes
+    whatever its batches serve (dpo.py's preference pairs, rl.py's sampled replies) and returns the loss to minimise.
 
     Returns the mean loss as a tensor (no host sync), or None when the loss or a gradient was not finite: then the
     weights and optimizer state are left exactly as they were. Under DDP every rank agrees on skipping, and the
@@ -91,14 +95,17 @@ def train_step(model, optimizer, scaler, batches: Batches, runtime: Runtime, tra
     accumulation = train.gradient_accumulation_steps
     total_loss = torch.zeros((), device=runtime.device)
     for micro_step in range(accumulation):
-        x, y = batches.next()
-        x, y = runtime.to_device(x), runtime.to_device(y)
+        batch = batches.next()
         last = micro_step == accumulation - 1
         # Under DDP, all-reduce gradients only on the last micro-step; the others accumulate locally.
         sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
             with runtime.autocast():
-                loss = model(x, y) / accumulation
+                if compute_loss is None:
+                    x, y = batch
+                    loss = model(runtime.to_device(x), runtime.to_device(y)) / accumulation
+                else:
+                    loss = compute_loss(batch) / accumulation
             scaler.scale(loss).backward()
         total_loss += loss.detach()
     # Clipping the gradient's norm bounds the size of one step: a rare batch with a huge gradient (a loss spike)
@@ -317,6 +324,8 @@ class Run:
     scaler: torch.amp.GradScaler
     batches: Batches | finetune.EpochBatches  # next() -> (x, y); tokens_served; state_dict(), load_state_dict()
     record: Callable[[], dict]  # the checkpoint's entries beside the loop's: the tokenizer, the data, the task's own
+    compute_loss: Callable[[object], torch.Tensor] | None = None  # a batch's loss, when not next-token (DPO, RL)
+    step_metrics: Callable[[], dict] | None = None  # the task's numbers of the latest step, logged with the loss
     state: TrainState = field(default_factory=TrainState)
     log: Callable[..., None] = print
     metrics: runinfo.MetricsLog | None = None
@@ -416,13 +425,15 @@ def restore(run: Run, saved: dict) -> None:
 
 
 def start_fine_tuning(start: finetune.Start, runtime: Runtime, model: torch.nn.Module, batches: finetune.EpochBatches,
-                      record: Callable[[], dict], kind: str) -> Run:
+                      record: Callable[[], dict], kind: str,
+                      compute_loss: Callable[[object], torch.Tensor] | None = None) -> Run:
     """The Run of a fine-tuning script around its model (on the device) and batches: an optimizer for what trains,
     then either the checkpoint it continues restored, or manifest.json written for a new run (what it is, from what
     code and packages). metrics.jsonl is opened for appending either way."""
     config = start.config
     optimizer = make_optimizer(model, config.train, runtime.device_type)
-    run = Run(config, runtime, start.run_dir, model, model, optimizer, runtime.grad_scaler(), batches, record)
+    run = Run(config, runtime, start.run_dir, model, model, optimizer, runtime.grad_scaler(), batches, record,
+              compute_loss)
     if start.saved is not None:
         restore(run, start.saved)
     else:
@@ -527,7 +538,8 @@ def train_loop(run: Run, stop: StopRequest, measure: Callable[[], Evaluation]) -
         started = time.perf_counter()
         served = run.batches.tokens_served
         culprits: list[int] = []
-        loss = train_step(run.model, run.optimizer, run.scaler, run.batches, runtime, train, lr, culprits)
+        loss = train_step(run.model, run.optimizer, run.scaler, run.batches, runtime, train, lr, culprits,
+                          run.compute_loss)
         if loss is None:
             bad_steps += 1
             ranks = ", ".join(map(str, sorted(set(culprits))))
@@ -585,16 +597,20 @@ def log_step(run: Run, loss: torch.Tensor, lr: float, started: float, tokens: in
     record = {"kind": "train", "step": state.step, "tokens_seen": state.tokens_seen, "train_loss": loss_value,
               "lr": lr, "tokens_per_s": tokens_per_s}
     speed = {"tok_s": f"{tokens_per_s:,.0f}"}
+    task_numbers = run.step_metrics() if run.step_metrics else {}  # e.g. rl.py's mean reward
+    record.update(task_numbers)
     if not math.isnan(run.peak_flops):
         record["mfu"] = flops_per_token(run.config.model) * tokens / step_time / run.peak_flops
         speed["mfu"] = f"{record['mfu']:.1%}"
     if run.metrics:
         run.metrics.write({**record, "elapsed_s": state.elapsed_s, "rss_mb": runinfo.resident_memory_mb()})
     if progress is not None:
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **speed)
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **speed,
+                             **{key: f"{value:.3g}" for key, value in task_numbers.items()})
     else:
         run.log(f"iter {state.step}: loss {loss_value:.4f}, time {step_time * 1000:.1f} ms, lr {lr:.2e}, "
-                f"{speed['tok_s']} tok/s" + (f", mfu {speed['mfu']}" if "mfu" in speed else ""), flush=True)
+                f"{speed['tok_s']} tok/s" + (f", mfu {speed['mfu']}" if "mfu" in speed else "")
+                + "".join(f", {key} {value:.4g}" for key, value in task_numbers.items()), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -351,6 +351,8 @@ def help_text(module: types.ModuleType, extra: dict[str, object], reads: Collect
     preset = chosen or preset
     if extra:
         helps = options_help(inspect.getsource(module))
+        if dataclasses.is_dataclass(getattr(module, "OPTIONS_CONFIG", None)):  # dpo.py's DPOConfig, rl.py's RLConfig
+            helps.update(field_help(module.OPTIONS_CONFIG))
         rows = [(f"--{key}", ("repeatable " if isinstance(default, list) else "") + _option_type(default).__name__,
                  _describe_default(default), helps.get(key, "")) for key, default in extra.items()]
         lines += [f"{command.split()[-1]} options:", *_table(rows), ""]

@@ -51,7 +51,8 @@ def parse(argv: list[str], options: dict, defaults: dict, not_read: dict[str, st
         value = next(getattr(s, name) for s in (parsed.config.model, parsed.config.train, parsed.config.data)
                      if hasattr(s, name))
         raise ConfigError(f"--{name}={value} has no effect here: {(not_read or {}).get(name) or NOT_READ[name]}")
-    check_shared_options(argv, parsed.config, parsed.options)
+    if "lora_rank" in options:  # classify.py's and instruct.py's; dpo.py and rl.py train every weight
+        check_shared_options(argv, parsed.config, parsed.options)
     return parsed
 
 

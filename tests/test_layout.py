@@ -10,7 +10,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # The lessons in the order a learner meets them; an import may only point to an earlier one (or to gptkit, config,
 # model and lora, which every lesson may use).
-LESSONS = ["config", "model", "lora", "data", "train", "generate", "classify", "instruct", "chat", "serve", "tour"]
+LESSONS = ["config", "model", "lora", "data", "train", "generate", "classify", "instruct", "dpo", "rl", "chat", "serve",
+           "tour"]
 FOUNDATIONS = {"config", "model", "lora"}  # below gptkit: they import nothing of the project but each other
 
 

@@ -36,6 +36,10 @@ EXPECTED = {
                     ["checkpoints/tour-instruct/best.pt", "checkpoints/tour-instruct/responses.json"]),
     "--lora_rank": (["LoRA rank 16", "merged the adapters into the weights"], ["checkpoints/tour-lora/merged.pt"]),
     "tour.py rope": (["depends on the distance m - n alone", "saved runs/tour/rope.png"], ["runs/tour/rope.png"]),
+    "--dataset=addition": (["done: best val loss"], ["checkpoints/tour-sums/best.pt"]),
+    "dpo.py": (["making pairs", "reward_margin", "test exact match (greedy):"],
+               ["checkpoints/tour-dpo/best.pt", "checkpoints/tour-dpo/pairs.jsonl"]),
+    "rl.py": (["before RL: test reward", "any_right", "test reward (greedy"], ["checkpoints/tour-rl/best.pt"]),
 }
 # Each README and the heading of its learning path; the first is the one whose commands run.
 READMES = {"README.md": "## Learning path", "README.zh-CN.md": "## 学习路径"}
