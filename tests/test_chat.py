@@ -64,9 +64,41 @@ def test_the_history_is_the_template_of_every_turn_and_the_oldest_turns_go_first
     assert said.err.count("no longer fits the model's context of 80 tokens") == 1
     assert talk.turns[0]["content"] != "hi" and talk.turns[-2]["content"] == "and the last"
     assert len(chat_model.prompt_ids(talk.messages())) <= 80
-    with pytest.raises(UserError, match="say it in fewer words"):
+    with pytest.raises(UserError, match="prompt of 124 tokens .* leaves no room for a reply in this model's context of "
+                                        "80 tokens; shorten it by 45 tokens"):
         chat.answer(chat_model, talk, "a" * 90, greedy, 6, generator)
     assert talk.turns[-2]["content"] == "and the last"  # the message that could not be sent is not kept
+
+
+def test_one_rule_keeps_the_system_message_and_the_newest_turn_drops_the_oldest_and_says_the_reply_room():
+    tokenizer = CharsWithEnd(CHARS)
+    template = prompts.chat_template("chat", tokenizer.eot_token)
+    talk = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "who are you?"},
+            {"role": "assistant", "content": "a model"}, {"role": "user", "content": "ok"}]
+    whole = len(prompts.encode_conversation(template, talk, tokenizer.encode, open_reply=True)[0])
+    fitted = prompts.fit_conversation(template, talk, tokenizer.encode, whole + 10, 10)
+    assert (len(fitted.ids), fitted.dropped, fitted.reply_tokens, fitted.shortened) == (whole, 0, 10, False)
+    fitted = prompts.fit_conversation(template, talk, tokenizer.encode, whole + 9, 10)  # one token short
+    assert fitted.dropped == 2 and fitted.reply_tokens == 10  # "hi" and its answer went, the oldest first
+    assert tokenizer.decode(fitted.ids).startswith("System: be kind\nUser: who are you?\n")
+    last = [talk[0], talk[-1]]
+    shortest = len(prompts.encode_conversation(template, last, tokenizer.encode, open_reply=True)[0])
+    fitted = prompts.fit_conversation(template, talk, tokenizer.encode, shortest + 3, 10)
+    assert fitted.dropped == 4 and fitted.reply_tokens == 3 and fitted.shortened  # what is left, said
+    assert tokenizer.decode(fitted.ids) == "System: be kind\nUser: ok\nAssistant: "
+    with pytest.raises(UserError, match=f"prompt of {shortest} tokens .* context of {shortest} tokens; shorten it "
+                                        "by 1 tokens"):
+        prompts.fit_conversation(template, talk, tokenizer.encode, shortest, 10)
+    assert prompts.stop_strings(template) == ["System:", "User:", "Assistant:"]
+    alpaca = prompts.chat_template("alpaca", tokenizer.eot_token)
+    assert prompts.stop_strings(alpaca) == [prompts.ALPACA_PREAMBLE, "### Instruction:", "### Response:"]
+
+
+def test_the_name_of_a_run_loaded_as_best_pt_from_its_own_folder_is_the_folder(tmp_path, monkeypatch):
+    save_chat_model(tmp_path / "checkpoints" / "noise")
+    monkeypatch.chdir(tmp_path / "checkpoints" / "noise")
+    assert chat.load_chat_model(ckpt="best.pt", device="cpu", say=lambda line: None).name == "noise"  # was ""
 
 
 def test_chat_refuses_a_pretrained_model_and_says_how_to_make_a_chat_model(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import data
 import instruct
 import lora
 from config import Config, ConfigError, ModelConfig, TrainConfig, UserError
-from gptkit import checkpoint, loading
+from gptkit import checkpoint, loading, prompts
 from gptkit.prompts import format_prompt
 from gptkit.runtime import setup_runtime
 from instruct import Entry, collate, encode_entries
@@ -194,7 +194,8 @@ def test_a_tiny_model_learns_to_follow_an_instruction_and_answers_held_out_words
     after = instruct.response_loss(model, held_out_encoded, runtime, 32, tokenizer.eot_token)
     assert after < before / 4, (before, after)
     model.eval()
-    answers = [instruct.respond(model, tokenizer, "chat", entry, 16) for entry in repeat_entries(held_out)]
+    template = prompts.chat_template("chat", tokenizer.eot_token)
+    answers = [instruct.respond(model, tokenizer, template, entry, 16) for entry in repeat_entries(held_out)]
     right = sum(answer == f"{w} {w}" for answer, w in zip(answers, held_out))
     assert right >= 0.7 * len(held_out), list(zip(held_out, answers))
 
@@ -323,8 +324,9 @@ def test_the_prompt_style_survives_the_checkpoint_and_generate_answers_as_instru
     assert asked.returncode == 0, asked.stderr[-2000:]
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
     tokenizer = data.get_tokenizer(loaded.tokenizer)
-    expected = instruct.respond(loaded.model.eval(), tokenizer, "alpaca", Entry("Name a primary color.", "Pick one.",
-                                                                                 ""), 6)
+    template = prompts.recorded_template(loaded.instruct, tokenizer.eot_token)
+    expected = instruct.respond(loaded.model.eval(), tokenizer, template,
+                                Entry("Name a primary color.", "Pick one.", ""), 6)
     assert asked.stdout.strip() == expected  # the response alone: what follows "### Response:"
     assert "### Response:" not in asked.stdout and "Below is an instruction" not in asked.stdout
 

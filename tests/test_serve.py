@@ -128,18 +128,18 @@ class Bytes:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-def sent(pieces: serve.TextPieces, text: bytes) -> list[str]:
+def sent(pieces: generate.TextStream, text: bytes) -> list[str]:
     return [pieces.add(byte) for byte in text] + [pieces.finish()]
 
 
 def test_streamed_text_never_holds_half_a_character_or_any_part_of_a_stop_string():
-    assert sent(serve.TextPieces(Bytes(), []), "né!".encode()) == ["n", "", "é", "!", ""]
+    assert sent(generate.TextStream(Bytes(), []), "né!".encode()) == ["n", "", "é", "!", ""]
     # "EN" could start the stop string "END" until the next character says otherwise
-    assert sent(serve.TextPieces(Bytes(), ["END"]), b"AENx") == ["A", "", "", "ENx", ""]
-    stopped = serve.TextPieces(Bytes(), ["END", "!"])
+    assert sent(generate.TextStream(Bytes(), ["END"]), b"AENx") == ["A", "", "", "ENx", ""]
+    stopped = generate.TextStream(Bytes(), ["END", "!"])
     assert sent(stopped, b"okEND more") == ["o", "k", "", "", "", "", "", "", "", "", ""] and stopped.stopped
     assert stopped.text == "ok"
-    cut_off = serve.TextPieces(Bytes(), [])
+    cut_off = generate.TextStream(Bytes(), [])
     assert "".join(sent(cut_off, "aé".encode()[:-1])) == "a\ufffd"  # a reply that ends mid-character, as decode()
 
 
