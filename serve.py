@@ -534,8 +534,9 @@ def build_app(server: Server, loopback_only: bool = True, cors: str = "") -> Sta
     routes = [route("/", page, ["GET"]), route("/v1/models", models, ["GET"]),
               route("/v1/models/{model:path}", one_model, ["GET"]),
               route("/v1/chat/completions", chat_completions, ["POST"]),
-              route("/v1/completions", completions, ["POST"]),
-              route("/v1/{anything:path}", preflight, ["OPTIONS"])]
+              route("/v1/completions", completions, ["POST"])]
+    routes += [route(path, preflight, ["OPTIONS"]) for path in ("/v1/models", "/v1/chat/completions",
+                                                                 "/v1/completions")]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
