@@ -159,13 +159,15 @@ def check_fields(body: object, allowed: set[str], model_name: str) -> dict:
     return body
 
 
-def read_ask(body: dict, fit: Callable[[int], prompts.FittedPrompt], max_tokens_cap: int,
+def read_ask(body: dict, fit: Callable[[int], prompts.FittedPrompt], max_tokens_cap: int, default_tokens: int,
              template_stop: list[str]) -> Ask:
     """The sampling fields of a checked body; `fit` fits the prompt into the context for a reply of n tokens (the
     one rule of prompts.fit_conversation). max_tokens above the cap is lowered to it, as other servers do, and said
-    in the reply's usage; a prompt that leaves no room for any reply is a 400 context_length_exceeded."""
+    in the reply's usage; without max_tokens a reply may take default_tokens (chat.py's: a third of the context,
+    which leaves the rest to the conversation). A prompt that leaves no room for any reply is a 400
+    context_length_exceeded."""
     tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    asked = number(body, tokens_field, max_tokens_cap, 1, integer=True)
+    asked = number(body, tokens_field, min(default_tokens, max_tokens_cap), 1, integer=True)
     defaults = generate.SAMPLING_DEFAULTS
     top_k = number(body, "top_k", defaults["top_k"], 1, integer=True)
     sampling = generate.Sampling(number(body, "temperature", defaults["temperature"], 0, 2), top_k,
@@ -272,7 +274,7 @@ class Server:
         model = self.chat_model
         return read_ask(body, lambda reply: prompts.fit_conversation(model.template, messages, model.tokenizer.encode,
                                                                      model.block_size, reply),
-                        self.max_tokens, prompts.stop_strings(model.template))
+                        self.max_tokens, chat.reply_room(model, 0), prompts.stop_strings(model.template))
 
     def completion_ask(self, body: object) -> Ask:
         body = check_fields(body, COMPLETION_FIELDS, self.name)
@@ -290,7 +292,7 @@ class Server:
                                 f"context of {block_size} tokens; shorten it")
             return prompts.FittedPrompt(ids, 0, min(reply, block_size - len(ids)), reply)
 
-        return read_ask(body, fit, self.max_tokens, [])
+        return read_ask(body, fit, self.max_tokens, chat.reply_room(self.chat_model, 0), [])
 
     def take(self, job: Job) -> None:
         """Queue a job for the worker, or a 429 when --queue of them already wait."""

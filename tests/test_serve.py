@@ -589,6 +589,13 @@ def test_the_chat_page_streams_answers_in_headless_chromium(colors, tmp_path, mo
         assert "error" not in driver.find_element(By.ID, "log").get_attribute("innerHTML")
         driver.execute_script("document.activeElement.blur()")  # no blinking caret: the same picture every run
         png = driver.get_screenshot_as_png()
+        # The page sends the whole history; once it outgrows the context of 64 tokens the server leaves out the
+        # oldest turns (every later message was refused until "New chat", before)
+        for number, thing in enumerate(["grass", "coal", "blood", "snow"], start=3):
+            driver.find_element(By.ID, "message").send_keys(f"What color is {thing}?", Keys.ENTER)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant[data-done=true]")) == number)
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
+        assert "oldest messages no longer fit" in driver.find_elements(By.CSS_SELECTOR, ".assistant")[-1].text
     finally:
         driver.quit()
     assert png.startswith(b"\x89PNG") and len(png) < 200_000
