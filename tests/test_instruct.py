@@ -411,3 +411,20 @@ def test_resume_continues_bitwise_like_a_run_that_never_stopped(offline_default)
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     first_half = checkpoint.load_checkpoint(root / "halves" / "ckpt-0000004.pt")["model"]
     assert not all(torch.equal(weights[0][k], first_half[k]) for k in first_half)  # it did train on
+
+
+def test_test_answers_use_the_recorded_chat_template_and_stop_at_its_next_header(monkeypatch):
+    tokenizer = CharsWithEnd(CHARS + "Q")
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=1, n_embd=8, block_size=64)).eval()
+    recorded = prompts.ChatTemplate("chat", "{content}\n", "Q: {content}\n", "A: ", tokenizer.eot_token)
+    seen = []
+
+    def fake_generate(model, prompt, max_new_tokens, sampling, generator=None, stop_token=None, **kwargs):
+        seen.append((prompt[0].tolist(), max_new_tokens))
+        said = tokenizer.encode("ok\nQ: more")  # a small model going on to ask the next question itself
+        return type("Generation", (), {"tokens": torch.tensor([said])})()
+
+    monkeypatch.setattr(instruct.generate, "generate", fake_generate)
+    answer = instruct.respond(model, tokenizer, recorded, Entry("hi", "", "x"), 40)
+    assert tokenizer.decode(seen[0][0]) == "Q: hi\nA: "  # the recorded template, not the style's own
+    assert seen[0][1] == 40 and answer == "ok"  # the reply stopped where the model wrote "Q:"

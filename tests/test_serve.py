@@ -380,6 +380,17 @@ def test_what_common_clients_send_is_accepted(noise):
     assert trimmed.usage.prompt_tokens + 2 <= NOISE_CONTEXT
 
 
+def test_one_set_of_sampling_defaults_for_generate_chat_and_a_request_that_leaves_them_out(noise):
+    import chat
+    defaults = generate.SAMPLING_DEFAULTS
+    for options in (generate.OPTIONS, chat.OPTIONS):
+        assert {name: options[name] for name in defaults} == defaults
+    asked = {"model": "noise", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "seed": 3}
+    _, plain = noise.post("/v1/chat/completions", asked)
+    _, told = noise.post("/v1/chat/completions", {**asked, **defaults})
+    assert plain["choices"][0]["message"]["content"] == told["choices"][0]["message"]["content"]  # was 1.0, no top_k
+
+
 def test_only_json_posts_from_this_machine_s_own_names_are_served(noise):
     user = {"model": "noise", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     status, answer = noise.post("/v1/chat/completions", json.dumps(user).encode(), {"Content-Type": "text/plain"})
