@@ -203,13 +203,15 @@ class Job:
         self.server, self.chat_model, self.ask, self.loop = server, server.chat_model, ask, loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()  # set when the client has gone: the reply stops at its next token
-        self.started = self.finished = False
+        self.finished = False
 
     def put(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (the server is stopping): nobody is left to tell
+            self.cancelled.set()
 
     def run(self) -> None:
-        self.started = True
         try:
             if self.cancelled.is_set() or self.server.stopping.is_set():  # gone while it waited its turn
                 self.put("done", "stop", 0)
@@ -296,16 +298,15 @@ class Server:
 
     def take(self, job: Job) -> None:
         """Queue a job for the worker, or a 429 when --queue of them already wait."""
-        self.jobs = [j for j in self.jobs if not j.finished]
-        waiting = sum(not j.started for j in self.jobs)
-        if waiting >= self.queue_limit:
-            retry = max(1, math.ceil(self.seconds_per_job * (waiting + 1)))
-            raise RequestError(f"{waiting} requests are already waiting (--queue={self.queue_limit}); try again in "
-                               f"{retry} s", None, "rate_limit_exceeded", 429, {"Retry-After": str(retry)})
+        self.jobs = [j for j in self.jobs if not j.finished]  # the one being answered, then those waiting
+        if len(self.jobs) > self.queue_limit:
+            retry = max(1, math.ceil(self.seconds_per_job * len(self.jobs)))
+            raise RequestError(f"{len(self.jobs) - 1} requests are already waiting (--queue={self.queue_limit}); try "
+                               f"again in {retry} s", None, "rate_limit_exceeded", 429, {"Retry-After": str(retry)})
         self.jobs.append(job)
-        started = time.monotonic()
 
         def run_and_time() -> None:
+            started = time.monotonic()
             job.run()
             self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * (time.monotonic() - started)
 
