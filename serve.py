@@ -471,7 +471,8 @@ def guarded(server: Server, handler: Callable[[Request], Awaitable[Response]], l
 
     async def checked(request: Request) -> Response:
         try:
-            if loopback_only and host_name(request.headers.get("host", "")) not in LOOPBACK:
+            host = request.headers.get("host")  # absent only from hand-made HTTP/1.0 requests, never a browser's
+            if loopback_only and host is not None and host_name(host) not in LOOPBACK:
                 raise RequestError(f"Host {request.headers.get('host')!r} is not this server's name (it listens on "
                                    "loopback only)", None, "invalid_host", 403)
             if request.method == "POST":

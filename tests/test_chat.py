@@ -1,6 +1,8 @@
 """chat.py and the chat templates: a conversation renders as the checkpoint's template (one message exactly as
 generate.py --instruction), history is trimmed from the oldest turn and said once, and the terminal chat driven
-through a pseudo-terminal: two turns, Ctrl-C during an answer, /reset, /system, /temperature, /exit."""
+through a pseudo-terminal: two turns, Ctrl-C during an answer, /reset, /system, /temperature, /exit. The one rule
+that fits a conversation into the context (prompts.fit_conversation), replies stopped at the template's next header,
+and the README's `make train`, `make instruct`, `make chat` on a short schedule answering ordinary questions."""
 
 import signal
 import subprocess

@@ -1,7 +1,10 @@
 """serve.py, the OpenAI-compatible server: driven by the real `openai` client (plain and streamed chat, completions,
 errors, 16 concurrent requests, a client that leaves), its greedy answers against generate.py's, a tiny model that
 learns a two-question task through instruct.py and answers it over the API, and the chat page in Debian's headless
-Chromium. Each server runs on a free loopback port, started and stopped here."""
+Chromium. Then each promise of docs/serving.md, by raw HTTP where a client library would not send the request:
+disconnects, body limits, JSON the parser cannot hold, the fitting rule, Host/Content-Type/CORS, the queue, the
+deadline, IPv6 loopback, Ctrl-C and 500s. Each server runs on a free loopback port, started and stopped here
+(tests/test_soak.py puts one under load)."""
 
 import concurrent.futures
 import json
