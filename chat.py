@@ -31,10 +31,10 @@ OPTIONS = {
     "ckpt": "",  # a checkpoint file or run folder of instruct.py; default: the most recent instruct.py run
     "run": "",  # a run name under checkpoints/
     "system": "",  # a system message that opens the conversation; /system TEXT changes it
-    "temperature": 0.7,  # 0 means greedy: always the most likely token; /temperature X changes it
-    "top_k": 200,  # keep the k most likely tokens; k >= vocabulary size keeps them all
-    "top_p": 1.0,  # nucleus sampling: keep the smallest set of tokens whose probability reaches p
-    "max_new_tokens": 200,  # the longest answer, in tokens
+    "temperature": generate.SAMPLING_DEFAULTS["temperature"],  # 0: greedy; /temperature X changes it
+    "top_k": generate.SAMPLING_DEFAULTS["top_k"],  # keep the k most likely tokens; >= vocabulary size keeps all
+    "top_p": generate.SAMPLING_DEFAULTS["top_p"],  # nucleus sampling: the fewest tokens whose probability reaches p
+    "max_new_tokens": 0,  # the longest answer, in tokens, kept free in the context; 0: a third of the context
 }
 HOW_TO_MAKE_ONE = ("make one with `make instruct` (python instruct.py --init_from=<pretrained run>; a .jsonl of "
                    "{\"messages\": [...]} trains whole conversations), then `make chat`")
@@ -90,11 +90,11 @@ def load_chat_model(ckpt: str = "", run: str = "", device: str = "auto", dtype: 
         model = fast.lay_out_for_decoding(model)  # as generate.py: the same logits, faster on a CPU
     say(f"{loaded.source}: {template.style} template, context {model.config.block_size} tokens; device {device}, "
         f"dtype {str(chosen_dtype).removeprefix('torch.')}: {reason}")
-    return ChatModel(model, tokenizer, template, Path(loaded.source).parent.name, device)
+    # the run's folder, resolved: --ckpt=best.pt in the run's own folder has no folder in its path
+    return ChatModel(model, tokenizer, template, Path(loaded.source).resolve().parent.name or "model", device)
 
 
-class StopReply(Exception):
-    """Raised by a token callback to end a reply early: a stop string was written, or nobody is listening."""
+StopReply = generate.StopReply  # raised by a token callback to end a reply early
 
 
 @dataclass
@@ -143,53 +143,53 @@ class Conversation:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
 
 
-def fit_to_context(chat_model: ChatModel, conversation: Conversation, room: int) -> tuple[list[int], int]:
-    """The prompt for the conversation's next reply, leaving `room` tokens of the context for it: the oldest turns
-    (a question and its answer) are dropped from the conversation until it fits. Returns the ids and how many
-    messages were dropped; a last message that alone does not fit is a UserError."""
-    limit = chat_model.block_size - room
-    alone = chat_model.prompt_ids(Conversation(conversation.system, conversation.turns[-1:]).messages())
-    if len(alone) > limit:  # refused before any old turn is dropped for it
-        conversation.turns.pop()
-        raise UserError(f"that message makes a prompt of {len(alone)} tokens (with the system message and the "
-                        f"template), more than the {limit} this model's context of {chat_model.block_size} leaves "
-                        "for it; say it in fewer words")
-    dropped = 0
-    ids = chat_model.prompt_ids(conversation.messages())
-    while len(ids) > limit:
-        del conversation.turns[:2]  # the oldest question and its answer
-        dropped += 2
-        ids = chat_model.prompt_ids(conversation.messages())
-    return ids, dropped
+def reply_room(chat_model: ChatModel, max_new_tokens: int) -> int:
+    """The tokens an answer may take: --max_new_tokens, or a third of the context when it is 0. A third holds 9 in
+    10 answers of `make instruct`'s data at the tiny preset's context of 128 (docs/fine-tuning.md) and leaves the
+    rest to the conversation."""
+    return max_new_tokens or max(1, chat_model.block_size // 3)
 
 
 def answer(chat_model: ChatModel, conversation: Conversation, text: str, sampling: generate.Sampling,
            max_new_tokens: int, generator: torch.Generator) -> None:
     """Add the user's message, stream the reply to stdout and keep it; Ctrl-C stops the reply, which keeps what was
-    written so far."""
+    written so far. The conversation is fitted to the context by the one rule (prompts.fit_conversation): the
+    oldest turns go first; the reply ends at the template's next header or its end-of-turn token."""
+    asked = reply_room(chat_model, max_new_tokens)
+    try:
+        fitted = prompts.fit_conversation(chat_model.template, conversation.messages() + [
+            {"role": "user", "content": text}], chat_model.tokenizer.encode, chat_model.block_size, asked)
+    except UserError as err:
+        raise UserError(f"{err} (the message was not added to the conversation)") from None
     conversation.turns.append({"role": "user", "content": text})
-    room = min(max_new_tokens, chat_model.block_size // 2)
-    ids, dropped = fit_to_context(chat_model, conversation, room)
-    if dropped and not conversation.trimmed_said:
-        conversation.trimmed_said = True
-        print(f"(the conversation no longer fits the model's context of {chat_model.block_size} tokens: the oldest "
-              "turns are left out from now on; /reset starts over)", file=sys.stderr)
-    stream = generate.TextStream(chat_model.tokenizer, stop_token=None)
-    said: list[int] = []
+    if fitted.dropped:
+        del conversation.turns[:fitted.dropped]  # the system message is not among the turns, so it stays
+        if not conversation.trimmed_said:
+            conversation.trimmed_said = True
+            print(f"(the conversation no longer fits the model's context of {chat_model.block_size} tokens with "
+                  f"{asked} left for the answer: the oldest turns are left out from now on; /reset starts over)",
+                  file=sys.stderr)
+    if fitted.shortened:
+        print(f"(this answer has room for {fitted.reply_tokens} tokens of the {asked} asked: the prompt takes "
+              f"{len(fitted.ids)} of the context's {chat_model.block_size})", file=sys.stderr)
+    stream = generate.TextStream(chat_model.tokenizer, prompts.stop_strings(chat_model.template))
 
     def show(token: int) -> None:
-        said.append(token)
-        stream([token])
+        sys.stdout.write(stream.add(token))
+        sys.stdout.flush()
+        if stream.stopped:
+            raise StopReply
 
     stopped = False
     try:
-        reply(chat_model, ids, sampling, max_new_tokens, generator, show)
+        reply(chat_model, fitted.ids, sampling, fitted.reply_tokens, generator, show)
     except KeyboardInterrupt:
         stopped = True
-    stream.flush()
+    sys.stdout.write(stream.finish() + "\n")
+    sys.stdout.flush()
     if stopped:
         print("(stopped)", file=sys.stderr)
-    conversation.turns.append({"role": "assistant", "content": chat_model.tokenizer.decode(said)})
+    conversation.turns.append({"role": "assistant", "content": stream.text})
 
 
 def command(line: str, conversation: Conversation, sampling: generate.Sampling) -> bool:
@@ -248,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     parsed = parse_args(sys.argv[1:] if argv is None else argv, extra=OPTIONS, reads=CONFIG_FIELDS_USED)
     options, train = parsed.options, parsed.config.train
     sampling = generate.Sampling(options["temperature"], options["top_k"], options["top_p"]).validate()
-    if options["max_new_tokens"] < 1:
-        raise UserError(f"max_new_tokens={options['max_new_tokens']} must be 1 or more")
+    if options["max_new_tokens"] < 0:
+        raise UserError(f"max_new_tokens={options['max_new_tokens']} must be 1 or more (0: a third of the context)")
     chat_model = load_chat_model(options["ckpt"], options["run"], train.device, train.dtype,
                                  "dtype" in parsed.overridden, train.fast_kernels,
                                  say=lambda line: print(line, file=sys.stderr))

@@ -385,6 +385,14 @@ def prepare(data: DataConfig, block_size: int, explicit_dataset: bool = True, to
     folder = Path(data.data_dir) if data.data_dir else sources.DATA_ROOT / _folder_name(source.name, data.tokenizer)
     if given and not data.data_dir and not _is_current(folder, source, data.tokenizer, given):
         folder = folder.with_name(f"{folder.name}-{given['sha256'][:8]}")
+    elif tokenizer is not None and data.data_dir and (folder / "meta.json").exists() and \
+            not _is_current(folder, source, data.tokenizer, given):
+        # A folder the user named, holding tokens of another tokenizer (or another BPE): a checkpoint's tokenizer
+        # never overwrites it; its tokens go beside it, as the default folder's do.
+        suffix = given["sha256"][:8] if given else data.tokenizer.replace(":", "")
+        print(f"data: {folder} holds other tokens than {data.tokenizer} of this model; leaving it as it is and "
+              f"using {folder.name}-{suffix}")
+        folder = folder.with_name(f"{folder.name}-{suffix}")
     if _is_current(folder, source, data.tokenizer, given):
         meta = read_meta(folder)
         _check_block_size(folder, meta, block_size)

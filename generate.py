@@ -31,7 +31,7 @@ OPTIONS = {
     "instruction": "",  # for an instruction-tuned model (instruct.py): formatted in the model's prompt style
     "input": "",  # the instruction's optional input
     "max_new_tokens": 200,  # tokens generated after the prompt
-    "temperature": 0.8,  # 0 means greedy: always the most likely token
+    "temperature": 0.8,  # 0 means greedy: always the most likely token (SAMPLING_DEFAULTS)
     "top_k": 200,  # keep the k most likely tokens; k >= vocabulary size keeps them all
     "top_p": 1.0,  # nucleus sampling: keep the smallest set of tokens whose probability reaches p
     "repetition_penalty": 1.0,  # > 1 makes tokens already in the context less likely (CTRL, Keskar et al. 2019)
@@ -43,6 +43,9 @@ OPTIONS = {
     "run": "",  # a run name under checkpoints/
 }
 
+# The sampling generate.py, chat.py and serve.py (a request that leaves a field out) use unless told otherwise:
+# nanoGPT's sample.py settings, a little cooler than the model's own distribution, with a long tail cut off.
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 200, "top_p": 1.0}
 STOP_CHECK_INTERVAL = 8  # without streaming, look for <|endoftext|> every few tokens: each look is a host sync
 
 
@@ -78,7 +81,11 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, p
 def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
                      top_p: float = 1.0) -> torch.Tensor:
     """Logits (B, V) -> probabilities (B, V) after temperature (> 0), top-k and then top-p, renormalised."""
-    logits = logits / temperature
+    # A tiny temperature (1e-300) must not make NaNs, from which no token can be drawn: it would round to 0 in the
+    # logits' dtype (0 / 0), or send logits to +-inf (inf - inf). So the largest logit is taken off first, leaving
+    # the best token at 0, and the temperature is kept at least the dtype's smallest normal number: still greedy.
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -118,7 +125,8 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
     u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total, so never past the last token
     # right=True: the first id whose cumulative mass exceeds u, which is never a zero-probability (filtered) token
-    return torch.searchsorted(cumulative, u, right=True).squeeze(1)
+    ids = torch.searchsorted(cumulative, u, right=True).squeeze(1)
+    return ids.clamp_(max=probs.size(-1) - 1)  # probabilities that summed to NaN must still give a real token id
 
 
 class Decoder:
@@ -233,12 +241,31 @@ def choose_device_and_dtype(device: str, dtype: str, dtype_given: bool,
     return chosen_device, chosen_dtype, f"{reason} (the checkpoint's training dtype is {trained_dtype})"
 
 
-def instruction_prompt(options: dict, instruct_record: dict | None, source: str) -> str:
-    """--instruction (and --input) in the prompt style the model was tuned with, ending where its response begins."""
+@dataclass
+class Instruction:
+    """--instruction as the model's prompt: fitted to its context by the chat rule, and how its reply ends."""
+
+    ids: list[int]
+    max_new_tokens: int
+    stop_token: int
+    stop: list[str]
+
+
+def instruction_prompt(options: dict, instruct_record: dict | None, source: str, tokenizer: data.Tokenizer,
+                       block_size: int) -> Instruction:
+    """--instruction (and --input) in the chat template the model was tuned with (its prompt style's, as one user
+    message), fitted as chat.py and serve.py fit a conversation (prompts.fit_conversation)."""
     if instruct_record is None:
         raise UserError(f"{source} was not instruction-tuned, so it has no prompt style for --instruction; tune it "
                         "with `make instruct`, or sample it plainly with --prompt=\"...\"")
-    return prompts.format_prompt(instruct_record["prompt_style"], options["instruction"], options["input"])
+    template = prompts.recorded_template(instruct_record, tokenizer.eot_token)
+    content = prompts.instruction_message(template.style, options["instruction"], options["input"])
+    fitted = prompts.fit_conversation(template, [{"role": "user", "content": content}], tokenizer.encode,
+                                      block_size, options["max_new_tokens"])
+    if fitted.shortened:
+        print(f"note: the prompt has {len(fitted.ids)} tokens, which leaves {fitted.reply_tokens} of the context of "
+              f"{block_size} for the answer (--max_new_tokens={fitted.asked_tokens})", file=sys.stderr)
+    return Instruction(fitted.ids, fitted.reply_tokens, template.end_of_turn, prompts.stop_strings(template))
 
 
 def read_prompt(options: dict) -> str:
@@ -272,63 +299,120 @@ def encode_prompt(text: str, tokenizer: data.Tokenizer, block_size: int) -> list
     return ids
 
 
+class StopReply(Exception):
+    """Raised by a token callback to end a generation early: a stop string was written, or nobody is listening."""
+
+
 class TextStream:
-    """Prints tokens as they arrive, holding back bytes that do not yet decode to whole characters."""
+    """A reply's tokens -> the text to show as it grows: never half a character, never any part of a stop string.
+    Text that may be the start of a stop string waits until the next tokens tell. generate.py, chat.py and serve.py
+    stream through it; each token's bytes are decoded once (a long reply costs no more per token than a short one).
+    """
 
-    def __init__(self, tokenizer: data.Tokenizer, stop_token: int | None):
-        self.tokenizer, self.stop_token = tokenizer, stop_token
-        self.pending: list[int] = []
-        self.stopped = False
+    def __init__(self, tokenizer: data.Tokenizer, stop: list[str] | tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.longest_stop = max(map(len, self.stop), default=0)
+        self.pending: list[int] = []  # tokens whose bytes do not make whole characters yet
+        self.text = ""  # the reply so far, cut before a stop string once one appears
+        self.sent = 0  # characters of text already given out
+        self.stopped = False  # a stop string was written
 
-    def __call__(self, ids: list[int]) -> None:
+    def add(self, token: int) -> str:
+        """One more token; returns the text that may be shown now (often "")."""
         if self.stopped:
-            return
-        if ids[0] == self.stop_token:
-            self.stopped = True
-            return
-        self.pending.append(ids[0])
-        text = self.tokenizer.decode(self.pending)
-        if not text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            self.pending = []
+            return ""
+        self.pending.append(token)
+        piece = self.tokenizer.decode(self.pending)
+        if piece.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return ""
+        self.pending = []
+        return self._grow(piece, final=False)
 
-    def flush(self) -> None:
-        if self.pending:
-            sys.stdout.write(self.tokenizer.decode(self.pending))
-        sys.stdout.write("\n")
+    def finish(self) -> str:
+        """What is left to show once the reply has ended, a character cut off at its end included."""
+        if self.pending and not self.stopped:
+            piece, self.pending = self.tokenizer.decode(self.pending), []
+            return self._grow(piece, final=True)
+        return self._send(len(self.text))
+
+    def _grow(self, piece: str, final: bool) -> str:
+        search_from = max(0, len(self.text) - self.longest_stop + 1)  # a stop wholly in old text was found before
+        self.text += piece
+        found = [at for s in self.stop if (at := self.text.find(s, search_from)) >= 0]
+        if found:
+            self.stopped, self.text = True, self.text[:min(found)]
+            return self._send(len(self.text))
+        held = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])),
+                                   default=0)
+        return self._send(len(self.text) - held)
+
+    def _send(self, upto: int) -> str:
+        piece = self.text[self.sent:upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece
+
+
+def text_until_stop(tokenizer: data.Tokenizer, ids: list[int], stop: list[str]) -> str:
+    """The whole text of ids, cut before the first stop string."""
+    stream = TextStream(tokenizer, stop)
+    for token in ids:
+        stream.add(token)
+    stream.finish()
+    return stream.text
+
+
+def print_stream(tokenizer: data.Tokenizer, stop_token: int | None,
+                 stop: list[str] = ()) -> tuple[Callable[[list[int]], None], Callable[[], None]]:
+    """generate()'s on_tokens for one sequence printing to stdout, and the call that ends the line."""
+    stream = TextStream(tokenizer, stop)
+
+    def show(ids: list[int]) -> None:
+        if ids[0] == stop_token:
+            return
+        sys.stdout.write(stream.add(ids[0]))
         sys.stdout.flush()
+        if stream.stopped:
+            raise StopReply
+
+    def end() -> None:
+        sys.stdout.write(stream.finish() + "\n")
+        sys.stdout.flush()
+
+    return show, end
 
 
 def until_stop(ids: list[int], stop_token: int | None) -> list[int]:
     return ids[:ids.index(stop_token)] if stop_token is not None and stop_token in ids else ids
 
 
-def complete(prompt_text: str, model: GPT, tokenizer: data.Tokenizer, sampling: Sampling, options: dict,
-             generator: torch.Generator, stream: bool, echo_prompt: bool) -> None:
+def complete(ids: list[int], model: GPT, tokenizer: data.Tokenizer, sampling: Sampling, options: dict,
+             generator: torch.Generator, stream: bool, echo_prompt: bool, max_new_tokens: int,
+             stop_token: int | None, stop: list[str] = ()) -> None:
     """Generate num_samples continuations of one prompt, print them to stdout and the speed to stderr."""
     device = model.lm_head.weight.device
-    ids = encode_prompt(prompt_text, tokenizer, model.config.block_size)
     prompt = torch.tensor([ids] * options["num_samples"], dtype=torch.long, device=device)  # (B, T)
-    stop_token = tokenizer.eot_token if options["stop_at_eot"] else None
     shown_prompt = tokenizer.decode(ids) if echo_prompt and ids != [tokenizer.eot_token] else ""
-    text_stream = TextStream(tokenizer, stop_token) if stream else None
-    if text_stream is not None:
+    show, end = print_stream(tokenizer, stop_token, stop) if stream else (None, None)
+    if stream:
         sys.stdout.write(shown_prompt)
         sys.stdout.flush()
-    result = generate(model, prompt, options["max_new_tokens"], sampling, generator, stop_token=stop_token,
-                      vocab_size=tokenizer.vocab_size, on_tokens=text_stream)
-    if text_stream is not None:
-        text_stream.flush()
+    try:
+        result = generate(model, prompt, max_new_tokens, sampling, generator, stop_token=stop_token,
+                          vocab_size=tokenizer.vocab_size, on_tokens=show)
+    except StopReply:  # a stop string was printed: the line ends there
+        result = None
+    if stream:
+        end()
     else:
         for row, new_ids in enumerate(result.tokens.tolist()):
             if row:
                 print("-" * 40)
-            print(shown_prompt + tokenizer.decode(until_stop(new_ids, stop_token)))
-    prompt_rate = result.prompt_tokens / max(result.prompt_seconds, 1e-9)
-    decode_rate = result.decoded_tokens / max(result.decode_seconds, 1e-9)
-    print(f"prompt: {result.prompt_tokens} tokens, {prompt_rate:.0f} tokens/s; "
-          f"decode: {result.decoded_tokens} tokens, {decode_rate:.1f} tokens/s", file=sys.stderr)
+            print(shown_prompt + text_until_stop(tokenizer, until_stop(new_ids, stop_token), stop))
+    if result is not None:
+        prompt_rate = result.prompt_tokens / max(result.prompt_seconds, 1e-9)
+        decode_rate = result.decoded_tokens / max(result.decode_seconds, 1e-9)
+        print(f"prompt: {result.prompt_tokens} tokens, {prompt_rate:.0f} tokens/s; "
+              f"decode: {result.decoded_tokens} tokens, {decode_rate:.1f} tokens/s", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,8 +436,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--instruction replaces --prompt, --prompt_file and --interactive; give only one of them")
     model, tokenizer, trained_dtype, instruct_record = load_model_and_tokenizer(
         {**options, "init_from": train.init_from})
-    prompt_text = instruction_prompt(options, instruct_record, options["ckpt"] or options["run"] or "the model") \
-        if options["instruction"] else None
+    instruction = instruction_prompt(options, instruct_record, options["ckpt"] or options["run"] or "the model",
+                                     tokenizer, model.config.block_size) if options["instruction"] else None
     device, dtype, reason = choose_device_and_dtype(train.device, train.dtype, "dtype" in parsed.overridden,
                                                     trained_dtype)
     model = model.to(device=device, dtype=dtype)
@@ -362,11 +446,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}: {reason}", file=sys.stderr)
     generator = torch.Generator(device).manual_seed(train.seed)
 
-    if prompt_text is not None:  # print the response alone: what follows the formatted prompt, whatever its style
-        complete(prompt_text, model, tokenizer, sampling, options, generator, stream, echo_prompt=False)
+    if instruction is not None:  # print the response alone: what follows the formatted prompt, whatever its style
+        complete(instruction.ids, model, tokenizer, sampling, options, generator, stream, False,
+                 instruction.max_new_tokens, instruction.stop_token, instruction.stop)
         return
+    stop_token = tokenizer.eot_token if options["stop_at_eot"] else None
+
+    def continue_text(text: str, echo_prompt: bool) -> None:
+        complete(encode_prompt(text, tokenizer, model.config.block_size), model, tokenizer, sampling, options,
+                 generator, stream, echo_prompt, options["max_new_tokens"], stop_token)
+
     if not options["interactive"]:
-        complete(read_prompt(options), model, tokenizer, sampling, options, generator, stream, echo_prompt=True)
+        continue_text(read_prompt(options), echo_prompt=True)
         return
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
@@ -374,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         if not line:  # end of input (Ctrl-D)
             return
         try:
-            complete(line.rstrip("\n"), model, tokenizer, sampling, options, generator, stream, echo_prompt=False)
+            continue_text(line.rstrip("\n"), echo_prompt=False)
         except UserError as err:  # one bad prompt should not end the session
             print(f"error: {err}", file=sys.stderr)
 

@@ -334,21 +334,24 @@ def response_loss(model: GPT, encoded: Encoded, runtime: Runtime, batch_size: in
 # Responses, and the judge that scores them
 
 
-def respond(model: GPT, tokenizer: data.Tokenizer, style: str, entry: Entry | Conversation,
+def respond(model: GPT, tokenizer: data.Tokenizer, template: prompts.ChatTemplate, entry: Entry | Conversation,
             max_new_tokens: int) -> str:
-    """The model's greedy response to one entry (a conversation's last question), up to its end token."""
+    """The model's greedy response to one entry (a conversation's last question) in the run's recorded chat
+    template, fitted to the context by chat.py's rule, up to its end token or the template's next header."""
     device = model.lm_head.weight.device
-    if isinstance(entry, Conversation):
-        template = prompts.chat_template(style, tokenizer.eot_token)
-        ids = prompts.encode_conversation(template, entry.asked(), tokenizer.encode, open_reply=True)[0]
-        ids = ids[-model.config.block_size:]
-    else:
-        ids = generate.encode_prompt(format_prompt(style, entry.instruction, entry.input), tokenizer,
-                                     model.config.block_size)
-    result = generate.generate(model, torch.tensor([ids], device=device), max_new_tokens,
-                               generate.Sampling(temperature=0.0), stop_token=tokenizer.eot_token,
+    messages = entry.asked() if isinstance(entry, Conversation) else \
+        [{"role": "user", "content": prompts.instruction_message(template.style, entry.instruction, entry.input)}]
+    try:
+        fitted = prompts.fit_conversation(template, messages, tokenizer.encode, model.config.block_size,
+                                          max_new_tokens)
+    except UserError:  # a test question longer than the context: nothing to answer it with
+        return ""
+    stop = prompts.stop_strings(template)
+    result = generate.generate(model, torch.tensor([fitted.ids], device=device), fitted.reply_tokens,
+                               generate.Sampling(temperature=0.0), stop_token=template.end_of_turn,
                                vocab_size=tokenizer.vocab_size)
-    return tokenizer.decode(generate.until_stop(result.tokens[0].tolist(), tokenizer.eot_token)).strip()
+    reply = generate.until_stop(result.tokens[0].tolist(), template.end_of_turn)
+    return generate.text_until_stop(tokenizer, reply, stop).strip()
 
 
 def sample_replies(model: GPT, prompt_ids: list[list[int]], max_new_tokens: int, sampling: generate.Sampling,
@@ -564,14 +567,15 @@ def measure(task: InstructTask) -> Evaluation:
 
 def finish(task: InstructTask, val_before: float | None, val_after: float) -> None:
     """responses.json (every test entry answered), the judge's mean score when asked, results.json, loss.png."""
-    run, style, options = task.run, task.info["prompt_style"], task.options
+    run, options = task.run, task.options
+    template = prompts.ChatTemplate.from_dict(task.info["chat_template"])
     state, run_dir = run.state, run.run_dir
     ms_per_step = state.elapsed_s / max(1, state.step) * 1e3
     print(f"trained {state.step} steps in {state.elapsed_s:.1f} s ({ms_per_step:.1f} ms per step)")
     task.model.eval()
     from tqdm import tqdm
     responses = [{"instruction": e.instruction, "input": e.input, "reference": e.output,
-                  "response": respond(task.model, task.tokenizer, style, e, options["max_new_tokens"])}
+                  "response": respond(task.model, task.tokenizer, template, e, options["max_new_tokens"])}
                  for e in tqdm(task.splits["test"], desc="test responses", unit="entry", disable=None,
                                file=sys.stderr)]
     (run_dir / "responses.json").write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n")

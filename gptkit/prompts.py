@@ -16,6 +16,7 @@ PROMPT_STYLES = ("alpaca", "chat")
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.")
 ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message, sent by current clients
 
 
 def format_prompt(style: str, instruction: str, input_text: str = "") -> str:
@@ -32,6 +33,13 @@ def format_prompt(style: str, instruction: str, input_text: str = "") -> str:
     if style == "chat":
         return f"User: {instruction}" + (f"\n{input_text}" if input_text else "") + "\nAssistant: "
     raise ConfigError(f"prompt_style={style!r} is not one of {', '.join(PROMPT_STYLES)}")
+
+
+def instruction_message(style: str, instruction: str, input_text: str = "") -> str:
+    """An entry's instruction and input as one user message: its style's template renders it as format_prompt does."""
+    if not input_text:
+        return instruction
+    return instruction + (f"\n\n### Input:\n{input_text}" if style == "alpaca" else f"\n{input_text}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ def check_messages(messages: object, where: str = "messages") -> list[dict]:
         if not isinstance(message, dict):
             raise UserError(f"{where}[{index}] is not an object; give {{\"role\": \"user\", \"content\": \"...\"}}")
         role, content = message.get("role"), message.get("content")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
             raise UserError(f"{where}[{index}].role={role!r} is not one of {', '.join(ROLES)}")
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
@@ -124,3 +133,58 @@ def encode_conversation(template: ChatTemplate, messages: list[dict], encode: Ca
         ids += context_ids
         is_reply += [False] * len(context_ids)
     return ids, is_reply
+
+
+def stop_strings(template: ChatTemplate) -> list[str]:
+    """The template's turn headers ("### Instruction:", "User:", ...): a reply that writes one has begun the next
+    turn itself (a small model at temperature 0 does, over and over, until its token cap), so it ends there."""
+    headers = []
+    for frame in (template.system, template.user, template.assistant):
+        for line in frame.split("\n"):
+            header = line.split("{content}")[0].strip()
+            if header and header not in headers:
+                headers.append(header)
+    return headers
+
+
+@dataclass
+class FittedPrompt:
+    """What fit_conversation settled: the prompt's ids, how many messages it left out, and the reply's room."""
+
+    ids: list[int]
+    dropped: int  # the oldest messages left out to make room
+    reply_tokens: int  # the tokens the reply may take: what was asked, or what the context has left
+    asked_tokens: int
+
+    @property
+    def shortened(self) -> bool:
+        return self.reply_tokens < self.asked_tokens
+
+
+def fit_conversation(template: ChatTemplate, messages: list[dict], encode: Callable[[str], list[int]],
+                     block_size: int, reply_tokens: int) -> FittedPrompt:
+    """The one rule chat.py, serve.py, generate.py --instruction and instruct.py's answers fit a conversation into
+    a model's context by: keep every system message and the newest message, drop the oldest other messages first
+    until the prompt leaves `reply_tokens` of the context for the reply; when even the shortest prompt leaves less,
+    the reply gets what is left. Only a prompt that leaves no room at all is refused, with its numbers."""
+    if reply_tokens < 1:
+        raise UserError(f"a reply of {reply_tokens} tokens was asked for; ask for 1 or more")
+    kept = list(messages)
+    ids = encode_conversation(template, kept, encode, open_reply=True)[0]
+    dropped = 0
+    while len(ids) + reply_tokens > block_size:
+        oldest = next((i for i, m in enumerate(kept[:-1]) if m["role"] != "system"), None)
+        if oldest is None:
+            break
+        del kept[oldest]
+        dropped += 1
+        # a conversation that now opens with a reply to a question it no longer holds: that reply goes too
+        while oldest < len(kept) - 1 and kept[oldest]["role"] == "assistant":
+            del kept[oldest]
+            dropped += 1
+        ids = encode_conversation(template, kept, encode, open_reply=True)[0]
+    if len(ids) >= block_size:
+        raise UserError(f"the newest message makes a prompt of {len(ids)} tokens (with the system message and the "
+                        f"chat template), which leaves no room for a reply in this model's context of {block_size} "
+                        f"tokens; shorten it by {len(ids) - block_size + 1} tokens or more")
+    return FittedPrompt(ids, dropped, min(reply_tokens, block_size - len(ids)), reply_tokens)

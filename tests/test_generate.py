@@ -16,12 +16,13 @@ from config import Config, ModelConfig, UserError
 from generate import (
     Decoder,
     Sampling,
-    TextStream,
+    StopReply,
     apply_repetition_penalty,
     choose_device_and_dtype,
     encode_prompt,
     generate,
     next_token_probs,
+    print_stream,
     read_prompt,
     sample_from,
     sample_next_token,
@@ -234,13 +235,28 @@ def test_streaming_holds_back_a_character_split_across_tokens_and_stops_at_the_s
         def decode(self, ids):
             return bytes(ids).decode("utf-8", errors="replace")
 
-    stream = TextStream(Bytes(), stop_token=0)
-    stream([0xC3])  # the first byte of "é"
+    show, end = print_stream(Bytes(), stop_token=0)
+    show([0xC3])  # the first byte of "é"
     assert capsys.readouterr().out == ""
-    for ids in ([0xA9], [ord("!")], [0], [ord("x")]):
-        stream(ids)
-    stream.flush()
+    for ids in ([0xA9], [ord("!")], [0]):
+        show(ids)
+    end()
     assert capsys.readouterr().out == "é!\n"
+    show, end = print_stream(Bytes(), stop_token=0, stop=["##"])
+    with pytest.raises(StopReply):  # a stop string ends the generation, and none of it is shown
+        for byte in b"ok #ab ##x":
+            show([byte])
+    end()
+    assert capsys.readouterr().out == "ok #ab \n"
+
+
+def test_a_tiny_temperature_still_samples_a_real_token_the_most_likely_one():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    for temperature in (1e-300, 1e-30, 5e-324):
+        token = sample_next_token(logits, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        assert token.tolist() == [1], temperature  # was 4, the vocabulary size: softmax of inf - inf is NaN
+    nan_probs = torch.full((1, 4), float("nan"))
+    assert 0 <= sample_from(nan_probs, torch.Generator().manual_seed(0)).item() < 4
 
 
 # --- the command line -------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import data
 import instruct
 import lora
 from config import Config, ConfigError, ModelConfig, TrainConfig, UserError
-from gptkit import checkpoint, loading
+from gptkit import checkpoint, loading, prompts
 from gptkit.prompts import format_prompt
 from gptkit.runtime import setup_runtime
 from instruct import Entry, collate, encode_entries
@@ -194,7 +194,8 @@ def test_a_tiny_model_learns_to_follow_an_instruction_and_answers_held_out_words
     after = instruct.response_loss(model, held_out_encoded, runtime, 32, tokenizer.eot_token)
     assert after < before / 4, (before, after)
     model.eval()
-    answers = [instruct.respond(model, tokenizer, "chat", entry, 16) for entry in repeat_entries(held_out)]
+    template = prompts.chat_template("chat", tokenizer.eot_token)
+    answers = [instruct.respond(model, tokenizer, template, entry, 16) for entry in repeat_entries(held_out)]
     right = sum(answer == f"{w} {w}" for answer, w in zip(answers, held_out))
     assert right >= 0.7 * len(held_out), list(zip(held_out, answers))
 
@@ -323,8 +324,9 @@ def test_the_prompt_style_survives_the_checkpoint_and_generate_answers_as_instru
     assert asked.returncode == 0, asked.stderr[-2000:]
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
     tokenizer = data.get_tokenizer(loaded.tokenizer)
-    expected = instruct.respond(loaded.model.eval(), tokenizer, "alpaca", Entry("Name a primary color.", "Pick one.",
-                                                                                 ""), 6)
+    template = prompts.recorded_template(loaded.instruct, tokenizer.eot_token)
+    expected = instruct.respond(loaded.model.eval(), tokenizer, template,
+                                Entry("Name a primary color.", "Pick one.", ""), 6)
     assert asked.stdout.strip() == expected  # the response alone: what follows "### Response:"
     assert "### Response:" not in asked.stdout and "Below is an instruction" not in asked.stdout
 
@@ -409,3 +411,20 @@ def test_resume_continues_bitwise_like_a_run_that_never_stopped(offline_default)
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     first_half = checkpoint.load_checkpoint(root / "halves" / "ckpt-0000004.pt")["model"]
     assert not all(torch.equal(weights[0][k], first_half[k]) for k in first_half)  # it did train on
+
+
+def test_test_answers_use_the_recorded_chat_template_and_stop_at_its_next_header(monkeypatch):
+    tokenizer = CharsWithEnd(CHARS + "Q")
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=1, n_embd=8, block_size=64)).eval()
+    recorded = prompts.ChatTemplate("chat", "{content}\n", "Q: {content}\n", "A: ", tokenizer.eot_token)
+    seen = []
+
+    def fake_generate(model, prompt, max_new_tokens, sampling, generator=None, stop_token=None, **kwargs):
+        seen.append((prompt[0].tolist(), max_new_tokens))
+        said = tokenizer.encode("ok\nQ: more")  # a small model going on to ask the next question itself
+        return type("Generation", (), {"tokens": torch.tensor([said])})()
+
+    monkeypatch.setattr(instruct.generate, "generate", fake_generate)
+    answer = instruct.respond(model, tokenizer, recorded, Entry("hi", "", "x"), 40)
+    assert tokenizer.decode(seen[0][0]) == "Q: hi\nA: "  # the recorded template, not the style's own
+    assert seen[0][1] == 40 and answer == "ok"  # the reply stopped where the model wrote "Q:"

@@ -1,15 +1,20 @@
 """serve.py, the OpenAI-compatible server: driven by the real `openai` client (plain and streamed chat, completions,
 errors, 16 concurrent requests, a client that leaves), its greedy answers against generate.py's, a tiny model that
 learns a two-question task through instruct.py and answers it over the API, and the chat page in Debian's headless
-Chromium. Each server runs on a free loopback port, started and stopped here."""
+Chromium. Then each promise of docs/serving.md, by raw HTTP where a client library would not send the request:
+disconnects, body limits, JSON the parser cannot hold, the fitting rule, Host/Content-Type/CORS, the queue, the
+deadline, IPv6 loopback, Ctrl-C and 500s. Each server runs on a free loopback port, started and stopped here
+(tests/test_soak.py puts one under load)."""
 
 import concurrent.futures
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +23,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+import uvicorn
 
 import data
 import generate
@@ -30,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TIKTOKEN_CACHE_DIR": str(REPO / "data" / "tiktoken")}
 END = 50256  # GPT-2's <|endoftext|>
 SCREENSHOT = REPO / "docs" / "chat-page.png"
+NOISE_CONTEXT = 32768
 
 
 def save_chat_model(run_dir: Path, style: str = "chat", block_size: int = 64) -> Path:
@@ -64,12 +71,13 @@ def free_port() -> int:
 class Server:
     """python serve.py on a free loopback port, ready once GET /v1/models answers; stop() ends it."""
 
-    def __init__(self, cwd: Path, *args: str):
+    def __init__(self, cwd: Path, *args: str, host: str = "127.0.0.1"):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
         self.log = cwd / f"serve-{self.port}.log"
         with open(self.log, "w") as log:
-            self.process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--device=cpu",
+            self.process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--device=cpu", f"--host={host}",
                                              f"--port={self.port}", *args], cwd=cwd, env=ENV, stdout=log,
                                             stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -88,15 +96,19 @@ class Server:
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="none needed", max_retries=0, timeout=60)
 
-    def post(self, path: str, body: bytes | dict) -> tuple[int, dict | str]:
+    def post(self, path: str, body: bytes | dict, headers: dict | None = None,
+             method: str = "POST") -> tuple[int, dict | str]:
         """A raw POST (what the openai client would never send); the status and the decoded body."""
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=raw, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(self.url + path, data=raw, method=method,
+                                         headers={"Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=60) as answer:
                 status, text = answer.status, answer.read().decode()
+                self.headers = answer.headers
         except urllib.error.HTTPError as err:
             status, text = err.code, err.read().decode()
+            self.headers = err.headers
         try:
             return status, json.loads(text)
         except ValueError:
@@ -113,9 +125,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def noise(tmp_path_factory):
-    """A server of the untrained chat model, whose cap on max_tokens is high enough to keep it busy for minutes."""
+    """A server of the untrained chat model, whose context and cap on max_tokens are long enough to keep it busy
+    for many seconds (a reply ends at the context's end)."""
     root = tmp_path_factory.mktemp("serve")
-    save_chat_model(root / "checkpoints" / "noise")
+    save_chat_model(root / "checkpoints" / "noise", block_size=NOISE_CONTEXT)
     server = Server(root, "--run=noise", "--max_tokens=100000")
     yield server
     server.stop()
@@ -128,18 +141,18 @@ class Bytes:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-def sent(pieces: serve.TextPieces, text: bytes) -> list[str]:
+def sent(pieces: generate.TextStream, text: bytes) -> list[str]:
     return [pieces.add(byte) for byte in text] + [pieces.finish()]
 
 
 def test_streamed_text_never_holds_half_a_character_or_any_part_of_a_stop_string():
-    assert sent(serve.TextPieces(Bytes(), []), "né!".encode()) == ["n", "", "é", "!", ""]
+    assert sent(generate.TextStream(Bytes(), []), "né!".encode()) == ["n", "", "é", "!", ""]
     # "EN" could start the stop string "END" until the next character says otherwise
-    assert sent(serve.TextPieces(Bytes(), ["END"]), b"AENx") == ["A", "", "", "ENx", ""]
-    stopped = serve.TextPieces(Bytes(), ["END", "!"])
+    assert sent(generate.TextStream(Bytes(), ["END"]), b"AENx") == ["A", "", "", "ENx", ""]
+    stopped = generate.TextStream(Bytes(), ["END", "!"])
     assert sent(stopped, b"okEND more") == ["o", "k", "", "", "", "", "", "", "", "", ""] and stopped.stopped
     assert stopped.text == "ok"
-    cut_off = serve.TextPieces(Bytes(), [])
+    cut_off = generate.TextStream(Bytes(), [])
     assert "".join(sent(cut_off, "aé".encode()[:-1])) == "a\ufffd"  # a reply that ends mid-character, as decode()
 
 
@@ -222,11 +235,8 @@ def test_bad_requests_get_openai_style_4xx_errors_and_the_server_keeps_serving(n
         client.chat.completions.create(model="gpt-4o", messages=user)
     assert err.value.code == "model_not_found" and "'noise'" in err.value.message
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="noise", messages=[{"role": "user", "content": "word " * 200}])
-    assert err.value.code == "context_length_exceeded" and "maximum context length is 64 tokens" in err.value.message
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="noise", messages=user, max_tokens=100001)
-    assert err.value.param == "max_tokens"
+        client.chat.completions.create(model="noise", messages=[{"role": "user", "content": "word " * NOISE_CONTEXT}])
+    assert err.value.code == "context_length_exceeded" and f"context of {NOISE_CONTEXT} tokens" in err.value.message
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="noise", messages=user, n=2)
     assert err.value.param == "n" and "not supported" in err.value.message
@@ -240,11 +250,18 @@ def test_bad_requests_get_openai_style_4xx_errors_and_the_server_keeps_serving(n
              ({"model": "noise", "messages": user, "stop": [1]}, 400, "must be a non-empty string"),
              ({"model": "noise", "messages": user, "stream": "yes"}, 400, "stream='yes' is not true or false"),
              ({"model": "noise", "messages": user, "temprature": 1}, 400, "Unrecognized request argument"),
-             ({"messages": user}, 400, "has no 'model'"), (b"x" * (2 << 20), 413, "over 1048576 bytes")]
+             ({"messages": user}, 400, "has no 'model'")]
     for body, status, message in cases:
         got, answer = noise.post("/v1/chat/completions", body)
         assert got == status and message in answer["error"]["message"], (body if len(body) < 99 else "", answer)
         assert answer["error"]["type"] == "invalid_request_error"
+    # a body declared longer than 1 MiB is refused unread (sent raw: the answer comes before the body is sent, and a
+    # client still sending would see a broken pipe)
+    conn = raw_http(noise.port, "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                                f"application/json\r\nContent-Length: {2 << 20}\r\n", b"x" * 1000)
+    status, text = read_status(conn)
+    conn.close()
+    assert status == 413 and "over 1048576 bytes" in text
     got, answer = noise.post("/v1/completions", {"model": "noise", "prompt": {"text": "hi"}})
     assert got == 400 and answer["error"]["param"] == "prompt"
     got, answer = noise.post("/v1/nowhere", {})
@@ -276,6 +293,200 @@ def test_a_client_that_leaves_stops_its_generation(noise):
     started = time.monotonic()
     answer = client.completions.create(model="noise", prompt="next", max_tokens=3)
     assert answer.usage.completion_tokens == 3 and time.monotonic() - started < 20  # the worker was freed
+
+
+def raw_http(port: int, head: str, body: bytes = b"", host: str = "127.0.0.1") -> socket.socket:
+    """A connection that has sent a request's head and body and nothing more: the test decides when it ends."""
+    conn = socket.create_connection((host, port), timeout=30)
+    conn.sendall(head.encode() + b"\r\n" + body)
+    return conn
+
+
+def read_status(conn: socket.socket) -> tuple[int, str]:
+    """The status code and the whole answer of a raw connection (read until the server closes or 10 s pass)."""
+    conn.settimeout(10)
+    got = b""
+    try:
+        while b"\r\n\r\n" not in got or not got.endswith((b"}", b"}\n")):
+            piece = conn.recv(65536)
+            if not piece:
+                break
+            got += piece
+    except (TimeoutError, ConnectionResetError):
+        pass
+    text = got.decode(errors="replace")
+    return int(text.split(" ", 2)[1]) if text.startswith("HTTP/") else 0, text
+
+
+def test_a_plain_request_whose_client_left_stops_at_its_next_token(noise):
+    body = json.dumps({"model": "noise", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 100000,
+                       "temperature": 0}).encode()
+    conn = raw_http(noise.port, f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n", body)
+    time.sleep(1.0)  # generating, a token every few milliseconds
+    conn.close()
+    started = time.monotonic()
+    answer = noise.client().completions.create(model="noise", prompt="next", max_tokens=3)
+    # Before the fix the disconnect was looked for only after 0.5 s without a token: never, here, so this request
+    # waited behind a reply of 32,000 tokens nobody read.
+    assert answer.usage.completion_tokens == 3 and time.monotonic() - started < 10
+
+
+def test_a_chunked_body_is_read_no_further_than_the_limit(noise):
+    conn = raw_http(noise.port, "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n")
+    chunk = b"x" * 65536
+    try:
+        for _ in range(20):  # 1.25 MiB, and never the closing chunk: the server must not wait for the rest
+            conn.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    except OSError:  # the server answered and closed while we were still sending
+        pass
+    status, text = read_status(conn)
+    conn.close()
+    assert status == 413 and "over 1048576 bytes" in text
+
+
+def test_numbers_json_cannot_hold_and_deep_or_huge_bodies_are_400s_not_500s(noise):
+    user = '[{"role": "user", "content": "hi"}]'
+    for raw, said in [(f'{{"model": "noise", "messages": {user}, "temperature": NaN}}', "NaN is not a JSON number"),
+                      (f'{{"model": "noise", "messages": {user}, "top_p": NaN}}', "NaN is not a JSON number"),
+                      (f'{{"model": "noise", "messages": {user}, "top_p": Infinity}}', "Infinity is not"),
+                      ("[" * 50000, "not valid JSON"),
+                      (f'{{"model": "noise", "messages": {user}, "seed": {"7" * 5000}}}', "not valid JSON")]:
+        status, answer = noise.post("/v1/chat/completions", raw.encode())
+        assert status == 400 and said in answer["error"]["message"], (raw[:80], status, answer)
+    status, answer = noise.post("/v1/chat/completions", {"model": "noise", "messages": json.loads(user), "n": True})
+    assert status == 400 and answer["error"]["param"] == "n"  # true is not 1
+    # a temperature so small that it once made the sampler return the vocabulary's size as a token id (a 500)
+    status, answer = noise.post("/v1/chat/completions", {"model": "noise", "messages": json.loads(user),
+                                                         "temperature": 1e-300, "max_tokens": 4})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 4, answer
+
+
+def test_what_common_clients_send_is_accepted(noise):
+    client = noise.client()
+    assert client.models.retrieve("noise").id == "noise"  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    answer = client.chat.completions.create(model="noise", messages=messages, max_tokens=3, tool_choice="none")
+    assert answer.usage.completion_tokens == 3
+    lowered = client.chat.completions.create(model="noise", messages=messages, max_tokens=10**9, temperature=0,
+                                             stop=[" ", "e", "a", "o"])  # a stop ends it soon
+    # lowered to the cap (--max_tokens=100000), then to what the context leaves, and said in the usage
+    assert lowered.usage.model_extra["max_tokens"] == NOISE_CONTEXT - lowered.usage.prompt_tokens
+    # a whole history longer than the context, as chat front-ends send it: the oldest turns go, the newest stays
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 4000} for i in range(10)]
+    history += [{"role": "user", "content": "and now?"}]
+    trimmed = client.chat.completions.create(model="noise", messages=[messages[0], *history], max_tokens=2)
+    assert trimmed.usage.completion_tokens == 2 and trimmed.usage.model_extra["dropped_messages"] >= 2
+    assert trimmed.usage.prompt_tokens + 2 <= NOISE_CONTEXT
+
+
+def test_one_set_of_sampling_defaults_for_generate_chat_and_a_request_that_leaves_them_out(noise):
+    import chat
+    defaults = generate.SAMPLING_DEFAULTS
+    for options in (generate.OPTIONS, chat.OPTIONS):
+        assert {name: options[name] for name in defaults} == defaults
+    asked = {"model": "noise", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "seed": 3}
+    _, plain = noise.post("/v1/chat/completions", asked)
+    _, told = noise.post("/v1/chat/completions", {**asked, **defaults})
+    assert plain["choices"][0]["message"]["content"] == told["choices"][0]["message"]["content"]  # was 1.0, no top_k
+
+
+def test_only_json_posts_from_this_machine_s_own_names_are_served(noise):
+    user = {"model": "noise", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    status, answer = noise.post("/v1/chat/completions", json.dumps(user).encode(), {"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in answer["error"]["message"]  # what a page may send anywhere
+    status, answer = noise.post("/v1/chat/completions", user, {"Host": "attacker.example:8000"})  # DNS rebinding
+    assert status == 403 and answer["error"]["code"] == "invalid_host"
+    status, answer = noise.post("/v1/chat/completions", user, {"Host": f"localhost:{noise.port}"})
+    assert status == 200
+    status, answer = noise.post("/v1/chat/completions", b"", {"Origin": "https://page.example",
+                                                               "Access-Control-Request-Method": "POST"}, "OPTIONS")
+    assert status == 403 and "Access-Control-Allow-Origin" not in noise.headers  # CORS is off
+
+
+def test_serve_asyncio_timeouts_are_caught_as_asyncio_s_on_every_python():
+    # On Python 3.10 asyncio.wait_for raises asyncio.TimeoutError, which `except TimeoutError` does not catch.
+    source = (REPO / "serve.py").read_text()
+    assert "except TimeoutError" not in source
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory):
+    """A server of the noise model on IPv6 loopback, one request waiting at most, replies cut at 2 s, one origin
+    allowed to call it from a browser."""
+    root = tmp_path_factory.mktemp("bounded")
+    save_chat_model(root / "checkpoints" / "noise", block_size=NOISE_CONTEXT)
+    server = Server(root, "--run=noise", "--max_tokens=100000", "--queue=1", "--deadline_s=2",
+                    "--cors=https://app.example", host="::1")
+    yield server
+    server.stop()
+
+
+def test_a_full_queue_gets_429_a_reply_ends_at_the_deadline_and_ipv6_loopback_serves(bounded):
+    client = bounded.client()  # on http://[::1]:port, which --host=::1 once refused
+    long = {"model": "noise", "messages": [{"role": "user", "content": "go"}], "max_tokens": 100000}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        started = time.monotonic()
+        first = pool.submit(bounded.post, "/v1/chat/completions", long)
+        time.sleep(0.5)
+        second = pool.submit(bounded.post, "/v1/chat/completions", long)
+        time.sleep(0.5)
+        status, answer = bounded.post("/v1/chat/completions", long)  # one generating, one waiting: full
+        assert status == 429 and int(bounded.headers["Retry-After"]) >= 1, answer
+        assert answer["error"]["type"] == "rate_limit_error"
+        status, answer = first.result()
+        assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
+        assert answer["usage"]["completion_tokens"] < NOISE_CONTEXT - 10  # cut by the deadline, not the context
+        assert second.result()[0] == 200 and time.monotonic() - started < 15
+    assert client.models.list().data[0].id == "noise"
+    status, _ = bounded.post("/v1/chat/completions", b"", {"Origin": "https://app.example",
+                                                           "Access-Control-Request-Method": "POST"}, "OPTIONS")
+    assert status == 204 and bounded.headers["Access-Control-Allow-Origin"] == "https://app.example"
+
+
+def test_ctrl_c_stops_the_server_within_a_second_or_two_while_it_generates(tmp_path):
+    save_chat_model(tmp_path / "checkpoints" / "noise", block_size=NOISE_CONTEXT)
+    server = Server(tmp_path, "--run=noise", "--max_tokens=100000")
+    long = {"model": "noise", "messages": [{"role": "user", "content": "go"}], "max_tokens": 100000, "stream": True}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(server.post, "/v1/chat/completions", long)
+        time.sleep(1.5)  # the reply is being written
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        server.process.wait(timeout=30)
+        took = time.monotonic() - started
+    assert took < 3, took  # was ~10 s: uvicorn waited for the reply of 32,000 tokens to finish
+
+
+def test_a_server_failure_is_a_generic_500_whose_detail_is_logged_once(capfd):
+    class Broken:
+        name, block_size = "broken", 64
+        template = prompts.chat_template("chat", END)
+        tokenizer = type("Tokenizer", (), {"encode": lambda self, text: 1 / 0})()
+
+    app = serve.build_app(serve.Server(Broken(), 16))
+    port = free_port()
+    runner = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    try:
+        while not runner.started:
+            time.sleep(0.05)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", headers={
+            "Content-Type": "application/json"}, data=json.dumps({"model": "broken", "messages": [
+                {"role": "user", "content": "hi"}]}).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=30)
+        body = json.loads(err.value.read())
+    finally:
+        runner.should_exit = True
+        thread.join(10)
+    assert err.value.code == 500 and body["error"]["type"] == "server_error"
+    assert "ZeroDivisionError" not in body["error"]["message"]  # the server's insides stay in its log
+    assert capfd.readouterr().err.count("ZeroDivisionError: division by zero") == 1  # once, not twice
 
 
 def test_serve_refuses_a_pretrained_model_a_taken_port_and_bad_options_in_one_line(tmp_path, noise, monkeypatch):
@@ -392,6 +603,13 @@ def test_the_chat_page_streams_answers_in_headless_chromium(colors, tmp_path, mo
         assert "error" not in driver.find_element(By.ID, "log").get_attribute("innerHTML")
         driver.execute_script("document.activeElement.blur()")  # no blinking caret: the same picture every run
         png = driver.get_screenshot_as_png()
+        # The page sends the whole history; once it outgrows the context of 64 tokens the server leaves out the
+        # oldest turns (every later message was refused until "New chat", before)
+        for number, thing in enumerate(["grass", "coal", "blood", "snow"], start=3):
+            driver.find_element(By.ID, "message").send_keys(f"What color is {thing}?", Keys.ENTER)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant[data-done=true]")) == number)
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
+        assert "oldest messages no longer fit" in driver.find_elements(By.CSS_SELECTOR, ".assistant")[-1].text
     finally:
         driver.quit()
     assert png.startswith(b"\x89PNG") and len(png) < 200_000

@@ -277,3 +277,17 @@ def test_an_exported_folder_loads_its_tokenizer_offline_round_trips_and_generate
 def test_a_gpt2_tokenizer_the_model_cannot_hold_is_not_written(tmp_path):
     folder = exported(tmp_path, {"name": "gpt2"}, 100)
     assert not (folder / hf.TOKENIZER_JSON).exists() and (folder / "config.json").exists()
+
+
+def test_a_checkpoints_bpe_never_overwrites_a_folder_the_user_named(tmp_path, monkeypatch, small_bpe):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "story.txt").write_text(corpus(seed=3))
+    config = DataConfig(dataset="story.txt", tokenizer="bpe:320", data_dir="mine")
+    data.prepare(config, block_size=8)  # data.py --tokenizer=bpe:320 --data_dir=mine
+    before = {path.name: path.read_bytes() for path in (tmp_path / "mine").iterdir()}
+    # tools.evaluate --data_dir=mine of a model whose bpe:320 was learned on other text: once rewrote mine
+    given = data.prepare(config, block_size=8, tokenizer=small_bpe.to_dict())
+    assert given == Path(f"mine-{small_bpe.spec['sha256'][:8]}")
+    assert data.read_meta(given)["tokenizer"] == small_bpe.to_dict()
+    assert {path.name: path.read_bytes() for path in (tmp_path / "mine").iterdir()} == before
+    assert data.prepare(config, block_size=8, tokenizer=small_bpe.to_dict()) == given  # and it is reused
