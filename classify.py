@@ -14,6 +14,9 @@ classifier, its metrics and its finish. The run starts as instruct.py's does (gp
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import csv
 import dataclasses
 import json
@@ -43,7 +46,7 @@ OPTIONS = {
     "lora_rank": 0,  # > 0: LoRA adapters on attention and MLP; only they and the head train
     "lora_alpha": 16.0,  # LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank
     "merge": False,  # with LoRA: also write merged.pt, the adapters folded into the weights
-    "epochs": 0,  # 0: --max_iters when given, else DEFAULT_EPOCHS
+    "epochs": 0,  # 0: --max_iters when given, else 3 passes over the training split
     "passages_per_play": 40,  # the Shakespeare-genres default: passages taken from each play
     "ckpt": "",  # a classifier checkpoint, for --predict / --predict_file
     "predict": "",  # a text to classify with --ckpt, instead of training

@@ -15,6 +15,9 @@ the judge, and the run: it starts as classify.py's does (gptkit/finetune.py) and
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import json
 import random
 import re
@@ -40,7 +43,7 @@ from train import Evaluation, Run, end_of_training, perplexity, start_fine_tunin
 OPTIONS = {
     "prompt_style": "auto",  # alpaca (the book's) or chat; auto: chat for messages conversations, else alpaca
     "mask_prompt": False,  # True: the loss counts only the response's tokens; False measured better offline (README)
-    "epochs": 0,  # 0: --max_iters when given, else DEFAULT_EPOCHS
+    "epochs": 0,  # 0: --max_iters when given, else 2 passes over the training split (the book's)
     "instruction_column": "instruction",  # the field holding each entry's task
     "input_column": "input",  # the field holding its optional input
     "output_column": "output",  # the field holding the answer the model learns

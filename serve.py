@@ -14,6 +14,9 @@ unless --host says otherwise.
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import asyncio
 import json
 import random

@@ -13,6 +13,9 @@ a task passes what differs: `measure` (its validation) and `record` (its entries
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import dataclasses
 import json
 import math
@@ -451,6 +454,10 @@ def describe_start(t: Training) -> None:
             f"(global batch {train.batch_size * train.gradient_accumulation_steps * runtime.world_size} sequences)")
     run.log(f"data: {d.data_dir} ({len(d.train_tokens):,} train tokens, {len(d.val_tokens):,} val tokens, "
             f"tokenizer {d.tokenizer.name}); {train.max_iters} steps = {epochs:.2f} epochs")
+    if train.warmup_iters >= train.max_iters:  # the decay shrinks with max_iters; the warmup does not
+        run.log(f"schedule: warmup_iters={train.warmup_iters} is as long as the run's {train.max_iters} steps: the "
+                f"learning rate rises the whole run and never reaches {train.learning_rate:.1e}; give a short run "
+                f"--warmup_iters={max(1, train.max_iters // 10)}")
     t.baseline = unigram_loss(d.train_tokens, d.val_tokens, config.model.vocab_size)
     run.log(f"baseline: predicting the unigram distribution of the train tokens gives val loss {t.baseline:.4f}")
     if runtime.is_main:
