@@ -524,8 +524,8 @@ def finish(task: InstructTask, val_before: float | None, val_after: float) -> No
     from tqdm import tqdm
     responses = [{"instruction": e.instruction, "input": e.input, "reference": e.output,
                   "response": respond(task.model, task.tokenizer, style, e, options["max_new_tokens"])}
-                 for e in tqdm(task.splits["test"], desc="test responses", unit="entry", disable=None,
-                               file=sys.stderr)]
+                 for e in tqdm(task.splits["test"], desc="answering the test split", unit="entry", disable=False,
+                               file=sys.stderr)]  # shown in a pipe too: tens of seconds that would look like a hang
     (run_dir / "responses.json").write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n")
     results = {"val_response_loss": {"before": val_before, "after": val_after},
                "val_perplexity": {"before": perplexity(val_before) if val_before is not None else None,

@@ -104,3 +104,10 @@ def test_a_python_without_torch_says_how_to_run_with_the_venv(script, tmp_path):
     """`python -S` leaves out site-packages: a Python without torch, as the system python3 is on a fresh machine."""
     error = one_line_error(run(script, "--help", cwd=tmp_path, python=(sys.executable, "-S")))
     assert "has no torch" in error and "make setup-all" in error and "venv/bin/python" in error, error
+
+
+def test_max_iters_alone_shrinks_the_presets_warmup_with_the_run():
+    """The DDP row's 20 steps once ran inside tiny's 100-step warmup from start to end, never at the peak rate."""
+    assert parse_args(["--preset=tiny", "--max_iters=20"]).config.train.warmup_iters == 2
+    assert parse_args(["--preset=tiny", "--max_iters=20", "--warmup_iters=5"]).config.train.warmup_iters == 5
+    assert parse_args(["--preset=tiny", "--max_iters=2000"]).config.train.warmup_iters == 100  # already short
