@@ -446,7 +446,9 @@ def describe_start(t: Training) -> None:
     epochs = train.max_iters * t.tokens_per_step / len(d.train_tokens)
     run.log(config.describe())
     run.log(runtime.describe())
-    run.log(f"model: {count_parameters(config.model) / 1e6:.2f}M parameters, "
+    embedding = config.model.vocab_size * config.model.n_embd  # most of a small model with a large vocabulary
+    run.log(f"model: {count_parameters(config.model) / 1e6:.2f}M parameters ({embedding / 1e6:.2f}M of them the "
+            f"{config.model.vocab_size:,} x {config.model.n_embd} token embedding), "
             f"{flops_per_token(config.model) / 1e6:.1f} MFLOP per token; compile: {t.compiled}")
     run.log(t.fast_kernels)
     run.log(f"batch: {train.batch_size} x {config.model.block_size} tokens x {train.gradient_accumulation_steps} "
