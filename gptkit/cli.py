@@ -150,9 +150,9 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
     --help lists only these. `usage` replaces the help's first line, `python X.py [--key=value ...]`. `defaults`
     are an entry point's own values for config fields (the fine-tuning scripts' learning rate): they replace the
     preset's before the command line is applied and validated, so `--learning_rate` alone keeps their ratio of
-    min_lr to learning_rate, and `--max_iters` alone shortens a warmup longer than a tenth of the run to that
-    tenth. `meanings` replace config.py's help of some fields in this command's --help, where a field means
-    something else here (the fine-tuning scripts' --init_from).
+    min_lr to learning_rate, and `--max_iters` alone shortens a warmup longer than a tenth of the run (of
+    lr_decay_iters when given) to that tenth. `meanings` replace config.py's help of some fields in this command's
+    --help, where a field means something else here (the fine-tuning scripts' --init_from).
     """
     extra, defaults = dict(extra or {}), dict(defaults or {})
     if "--help" in argv or "-h" in argv:
@@ -198,8 +198,10 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
     if "learning_rate" in overridden and "muon_lr" not in overridden and preset_train.optimizer == "muon":
         config.train.muon_lr = preset_train.muon_lr * scale  # one rate moves the preset's whole recipe
     train = config.train
-    if "max_iters" in overridden and "warmup_iters" not in overridden and train.warmup_iters * 10 > train.max_iters:
-        train.warmup_iters = train.max_iters // 10  # the schedule shrinks with a short run, warmup included
+    horizon = train.lr_decay_iters or train.max_iters  # the schedule's length: a resume that runs on keeps it
+    if {"max_iters", "lr_decay_iters"} & overridden and "warmup_iters" not in overridden and \
+            train.warmup_iters * 10 > horizon:
+        train.warmup_iters = horizon // 10  # the schedule shrinks with a short run, warmup included
     if "arch" in overridden:
         config.model.apply_arch(keep=overridden)  # --arch=llama sets its switches; --norm=... beside it wins
     config.validate()

@@ -38,12 +38,14 @@ def test_the_counts_of_gpt2_here_and_in_the_book_are_the_pages():
         assert f"{count:,}" in BOOK_MAP, f"{name}: {count:,} not in docs/book-map.md"
 
 
-def test_the_tiny_presets_three_counts_are_the_pages():
+def test_the_tiny_presets_counts_and_the_chapter_5_rows_are_the_pages():
     tiny = PRESETS["tiny"]()
     char = tiny.model.apply_arch()  # GPT-2's form, as tour.py model shows it
     counts = {"tour_model": count_parameters(dataclasses.replace(char, vocab_size=65)),
-              "chapter_5": count_parameters(dataclasses.replace(char, vocab_size=50257)),
-              "embedding": 50257 * char.n_embd}
+              "gpt2_tokens": count_parameters(dataclasses.replace(char, vocab_size=50257)),
+              "embedding": 50257 * char.n_embd,
+              "chapter_5_row": count_parameters(dataclasses.replace(char, vocab_size=50257, n_embd=64, block_size=64)),
+              "chapter_5_embedding": 50257 * 64}
     preset = PRESETS["tiny"]()
     if preset.data.tokenizer.startswith("bpe:"):
         preset.model.vocab_size = int(preset.data.tokenizer.partition(":")[2])
