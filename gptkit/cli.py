@@ -175,7 +175,10 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
         if value is None:  # a bare --flag: True for a switch; a text option (empty by default) has no value
             default = extra[key] if key in extra else \
                 getattr(getattr(config, fields[key]), key) if key in fields else False
-            if default is None or default == "":
+            kind = typing.get_type_hints(type(getattr(config, fields[key])))[key] if key in fields and \
+                key not in extra else _option_type(default)
+            switch = bool in (typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,))
+            if (default is None or default == "") and not switch:
                 raise ConfigError(f"--{key} was given no value; write --{key}=VALUE (quote a value with spaces: "
                                   f"--{key}=\"two words\")")
             value = "True"

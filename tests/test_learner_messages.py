@@ -111,3 +111,7 @@ def test_max_iters_alone_shrinks_the_presets_warmup_with_the_run():
     assert parse_args(["--preset=tiny", "--max_iters=20"]).config.train.warmup_iters == 2
     assert parse_args(["--preset=tiny", "--max_iters=20", "--warmup_iters=5"]).config.train.warmup_iters == 5
     assert parse_args(["--preset=tiny", "--max_iters=2000"]).config.train.warmup_iters == 100  # already short
+
+
+def test_a_bare_switch_whose_default_is_auto_is_true():
+    assert parse_args(["--compile"], reads=("compile",)).config.train.compile is True
