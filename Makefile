@@ -63,7 +63,7 @@ install-force: ## Install the requirements into the active python instead of ./v
 	  echo "error: this python is managed by the system (PEP 668); use 'make setup-all' (a venv), or activate a venv first"; exit 2; fi; \
 	exit $$rc
 
-test: $(VENV)/.installed ## Run the test suite (a few minutes on 2 CPU cores)
+test: $(VENV)/.installed ## Run the test suite (10-15 minutes on 2 CPU cores; make quick-test: under a minute)
 	$(PY) -m pytest -q tests
 
 quick-test: $(VENV)/.installed ## Prove in under a minute that the model trains and samples

@@ -9,6 +9,9 @@ checkpoint records (gptkit/prompts.py) and sampled by generate.py's code; serve.
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import signal
 import sys
 from collections.abc import Callable

@@ -14,6 +14,9 @@ classifier, its metrics and its finish. The run starts as instruct.py's does (gp
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import csv
 import dataclasses
 import json
@@ -43,13 +46,17 @@ OPTIONS = {
     "lora_rank": 0,  # > 0: LoRA adapters on attention and MLP; only they and the head train
     "lora_alpha": 16.0,  # LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank
     "merge": False,  # with LoRA: also write merged.pt, the adapters folded into the weights
-    "epochs": 0,  # 0: --max_iters when given, else DEFAULT_EPOCHS
+    "epochs": 0,  # 0: --max_iters when given, else 3 passes over the training split
     "passages_per_play": 40,  # the Shakespeare-genres default: passages taken from each play
+    "examples_per_class": 300,  # --dataset=shakespeare-or-chat: lines taken of each kind
     "ckpt": "",  # a classifier checkpoint, for --predict / --predict_file
     "predict": "",  # a text to classify with --ckpt, instead of training
     "predict_file": "",  # a file to classify line by line with --ckpt, instead of training
 }
 DEFAULT_DATASET = "shakespeare-genres"
+# An easy task for the learning path's minute, by word choice as the book's spam is: a line of Shakespeare or a turn of
+# a modern chatbot dialogue. The genres need a better-trained model (docs/fine-tuning.md: 74% after 3 epochs).
+STYLE_DATASET = "shakespeare-or-chat"
 DEFAULT_EPOCHS = 3
 # Fine-tuning settings where the command line gives none (the book's: AdamW at 5e-5, weight decay 0.1, batch 8);
 # the learning rate is the best of 5e-5, 5e-4 and 2e-3 on the offline task's validation split (README).
@@ -131,7 +138,8 @@ class Split:
 def read_rows(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
     """(text, label) pairs from a .csv, .tsv, .jsonl or .parquet file; labels as strings (ints become "0", "1")."""
     if not path.is_file():
-        raise UserError(f"dataset {path} does not exist; give a .csv, .tsv, .jsonl or .parquet file, or hf:owner/name")
+        raise UserError(f"dataset {path} does not exist; give a .csv, .tsv, .jsonl or .parquet file, hf:owner/name, "
+                        f"{DEFAULT_DATASET} or {STYLE_DATASET}")
     if path.suffix in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
@@ -185,6 +193,22 @@ def shakespeare_genre_rows(passages_per_play: int, seed: int) -> dict[str, list[
     return splits
 
 
+def shakespeare_or_chat_rows(per_class: int, seed: int) -> dict[str, list[tuple[str, str]]]:
+    """`per_class` lines of the First Folio's plays (three words or more, not a speaker's name) labelled
+    shakespeare and as many turns of chatterbot-corpus's English dialogues labelled chat, for split_rows's random cut.
+    Both are a sentence or two long, so the length tells nothing: the words must (thou, doth; computer, okay)."""
+    rng = np.random.default_rng(seed)
+    lines = [line.strip() for _, (_, text) in sorted(sources.shakespeare_plays_by_genre().items())
+             for line in text.splitlines() if len(line.split()) >= 3 and not line.strip().isupper()]
+    turns = [turn.strip() for conversations in sources.chatterbot_conversations().values()
+             for conversation in conversations for turn in conversation if len(turn.split()) >= 3]
+    rows = []
+    for label, texts in (("shakespeare", lines), ("chat", turns)):
+        take = rng.choice(len(texts), size=min(per_class, len(texts)), replace=False)
+        rows += [(texts[i], label) for i in sorted(take)]
+    return {"train": [rows[i] for i in rng.permutation(len(rows))]}
+
+
 def passages_of(text: str) -> list[str]:
     """Consecutive whole lines of about PASSAGE_CHARS characters each (short leftovers dropped)."""
     passages, current = [], ""
@@ -228,6 +252,8 @@ def load_examples(dataset: str, text_column: str, label_column: str, options: di
     """Every split's texts and labels, checked, and the label names (sorted; numbers in numeric order)."""
     if dataset == DEFAULT_DATASET:
         rows = shakespeare_genre_rows(options["passages_per_play"], seed)
+    elif dataset == STYLE_DATASET:
+        rows = shakespeare_or_chat_rows(options["examples_per_class"], seed)
     elif dataset.startswith("hf:"):
         rows = read_hf(dataset, text_column, label_column)
     else:

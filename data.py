@@ -9,6 +9,9 @@ batches a run draws, the token files that training memory-maps, and tokenisation
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import abc
 import hashlib
 import json

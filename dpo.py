@@ -15,6 +15,9 @@ the loop, checkpoints, resume and --max_minutes are train.py's. docs/post-traini
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import copy
 import dataclasses
 import json

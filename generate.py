@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import sys
 import time
 from collections.abc import Callable

@@ -15,6 +15,9 @@ the judge, and the run: it starts as classify.py's does (gptkit/finetune.py) and
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import json
 import random
 import re
@@ -40,7 +43,7 @@ from train import Evaluation, Run, end_of_training, perplexity, start_fine_tunin
 OPTIONS = {
     "prompt_style": "auto",  # alpaca (the book's) or chat; auto: chat for messages conversations, else alpaca
     "mask_prompt": False,  # True: the loss counts only the response's tokens; False measured better offline (README)
-    "epochs": 0,  # 0: --max_iters when given, else DEFAULT_EPOCHS
+    "epochs": 0,  # 0: --max_iters when given, else 2 passes over the training split (the book's)
     "instruction_column": "instruction",  # the field holding each entry's task
     "input_column": "input",  # the field holding its optional input
     "output_column": "output",  # the field holding the answer the model learns
@@ -576,8 +579,8 @@ def finish(task: InstructTask, val_before: float | None, val_after: float) -> No
     from tqdm import tqdm
     responses = [{"instruction": e.instruction, "input": e.input, "reference": e.output,
                   "response": respond(task.model, task.tokenizer, template, e, options["max_new_tokens"])}
-                 for e in tqdm(task.splits["test"], desc="test responses", unit="entry", disable=None,
-                               file=sys.stderr)]
+                 for e in tqdm(task.splits["test"], desc="answering the test split", unit="entry", disable=False,
+                               file=sys.stderr)]  # shown in a pipe too: tens of seconds that would look like a hang
     (run_dir / "responses.json").write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n")
     results = {"val_response_loss": {"before": val_before, "after": val_after},
                "val_perplexity": {"before": perplexity(val_before) if val_before is not None else None,

@@ -15,6 +15,9 @@ docs/post-training.md has the measurements behind the defaults (the temperature 
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import copy
 import dataclasses
 import json

@@ -15,6 +15,9 @@ Nothing here checks who is asking, so it listens on 127.0.0.1 unless --host says
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import asyncio
 import json
 import math

@@ -16,6 +16,10 @@ the files and functions to read. Pictures go to runs/tour/, which git ignores.
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
+import difflib
 import itertools
 import math
 import sys
@@ -28,7 +32,7 @@ import data
 from config import BPE_MIN_SIZE, PRESETS, ModelConfig, UserError, error_summary
 from gptkit import bpe, checkpoint, loading
 from gptkit.cli import parse_args, run_cli
-from model import GPT, apply_rope, rope_angles
+from model import GPT, apply_rope, count_parameters, rope_angles
 from train import learning_rate_at  # the very function the training loop calls
 
 SAMPLE_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -57,6 +61,12 @@ def show_tokens(text: str) -> None:
     print(f"text:   {text!r}")
     print(f"ids:    {ids}  ({len(ids)} tokens from {len(text)} characters; vocabulary {tokenizer.vocab_size:,})")
     print(f"pieces: {pieces}")
+    if any("\ufffd" in piece for piece in pieces):  # GPT-2's BPE merges bytes, not characters
+        print(f"bytes:  {[tokenizer.encoding.decode_single_token_bytes(i) for i in ids]}")
+        wide = next(c for c in text if len(c.encode()) > 1)
+        print(f"each '\ufffd' piece is part of a character that UTF-8 writes in several bytes ({wide!r} is "
+              f"{wide.encode()}): the tokenizer works on bytes, and a token may hold part of a character; "
+              "decoding the tokens together gives the characters back")
     print(f"decode: {tokenizer.decode(ids)!r}")
 
 
@@ -181,6 +191,14 @@ def show_model() -> None:
     print(f"{n_params:,} parameters; logits {tuple(logits.shape)} for input {tuple(x.shape)}")
     print(f"loss before training {loss:.3f}; guessing uniformly gives ln({config.vocab_size}) = "
           f"{math.log(config.vocab_size):.3f}")
+    # One shape, three counts a learner meets: the token embedding (vocabulary x n_embd) is what changes
+    preset = PRESETS["tiny"]()
+    learned = preset.data.tokenizer.startswith("bpe:")
+    preset.model.vocab_size = int(preset.data.tokenizer.partition(":")[2]) if learned else 50257  # bpe:2048
+    config.vocab_size = 50257
+    print(f"the token embedding is vocabulary x {config.n_embd}, so the count follows the tokenizer: the tiny preset "
+          f"(make train, tokenizer {preset.data.tokenizer}) has {count_parameters(preset.model):,} parameters, the "
+          f"same blocks with GPT-2's {config.vocab_size:,} tokens (the chapter-5 row) {count_parameters(config):,}")
 
 
 def show_schedule() -> None:
@@ -272,7 +290,10 @@ def main(argv: list[str] | None = None) -> None:
     words = list(itertools.takewhile(lambda arg: not arg.startswith("-"), rest))  # tour.py tokens Hello, world!
     options = parse_args(rest[len(words):], extra=OPTIONS, reads=(), usage=USAGE).options
     if demo not in DEMOS:
-        raise UserError(f"say which demonstration: {USAGE} (see the README's Learning path)")
+        close = difflib.get_close_matches(demo, DEMOS, n=1) if demo else []
+        hint = f"did you mean `python tour.py {close[0]}`? " if close else ""
+        raise UserError(f"{f'no demonstration {demo!r}; ' if demo else ''}{hint}say which demonstration: {USAGE} "
+                        "(see the README's Learning path)")
     text = " ".join(words) or options["text"]
     if text and demo not in ("tokens", "attention"):
         raise UserError(f"tour.py {demo} takes no text; only tokens and attention do")

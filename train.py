@@ -13,6 +13,9 @@ a task passes what differs: `measure` (its validation) and `record` (its entries
 
 from __future__ import annotations
 
+import gptkit.packages  # noqa: F401  (first: a Python without torch gets one line on how to run, no traceback)
+
+# isort: split
 import dataclasses
 import json
 import math
@@ -454,7 +457,9 @@ def describe_start(t: Training) -> None:
     epochs = train.max_iters * t.tokens_per_step / len(d.train_tokens)
     run.log(config.describe())
     run.log(runtime.describe())
-    run.log(f"model: {count_parameters(config.model) / 1e6:.2f}M parameters, "
+    embedding = config.model.vocab_size * config.model.n_embd  # most of a small model with a large vocabulary
+    run.log(f"model: {count_parameters(config.model) / 1e6:.2f}M parameters ({embedding / 1e6:.2f}M of them the "
+            f"{config.model.vocab_size:,} x {config.model.n_embd} token embedding), "
             f"{flops_per_token(config.model) / 1e6:.1f} MFLOP per token; compile: {t.compiled}")
     run.log(t.fast_kernels)
     run.log(f"batch: {train.batch_size} x {config.model.block_size} tokens x {train.gradient_accumulation_steps} "
@@ -462,6 +467,10 @@ def describe_start(t: Training) -> None:
             f"(global batch {train.batch_size * train.gradient_accumulation_steps * runtime.world_size} sequences)")
     run.log(f"data: {d.data_dir} ({len(d.train_tokens):,} train tokens, {len(d.val_tokens):,} val tokens, "
             f"tokenizer {d.tokenizer.name}); {train.max_iters} steps = {epochs:.2f} epochs")
+    if train.warmup_iters >= train.max_iters:  # the decay shrinks with max_iters; the warmup does not
+        run.log(f"schedule: warmup_iters={train.warmup_iters} is as long as the run's {train.max_iters} steps: the "
+                f"learning rate rises the whole run and never reaches {train.learning_rate:.1e}; give a short run "
+                f"--warmup_iters={max(1, train.max_iters // 10)}")
     t.baseline = unigram_loss(d.train_tokens, d.val_tokens, config.model.vocab_size)
     run.log(f"baseline: predicting the unigram distribution of the train tokens gives val loss {t.baseline:.4f}")
     if runtime.is_main:

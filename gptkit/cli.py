@@ -62,6 +62,18 @@ def _fields_read(reads: Collection[str]) -> dict[str, str]:
 
 FIELD_SECTIONS = _fields_read(SECTIONS)  # every config field -> "model", "train" or "data"
 
+# What the TrainConfig fields that a command which does not train (generate, chat, serve) reads mean there: --help
+# lists them as "runtime options" with these words, not with train.py's (a seed that seeds "the weights").
+RUNTIME_HELP = {
+    "device": "where the model runs; auto: cuda, then mps, then cpu",
+    "dtype": "the precision of the forward pass; auto: bfloat16 where the device supports it, else float16 on "
+             "CUDA, else float32",
+    "seed": "seeds the sampling: the same seed, model and options give the same text",
+    "fast_kernels": "the CPU fast paths of fast.py; False runs model.py's plain path",
+    "init_from": "scratch: a checkpoint of this repository (--ckpt, --run or the latest run); gpt2 (-medium, "
+                 "-large, -xl): OpenAI's weights; or a Hugging Face folder",
+}
+
 
 def _parse_value(key: str, raw: str, annotation):
     """Convert the command-line string to the field's declared type, or raise a ConfigError saying what was wanted."""
@@ -97,14 +109,15 @@ def _option_type(default) -> type:
     return type(default)
 
 
-def _split_pairs(argv: list[str]) -> list[tuple[str, str]]:
-    """`--key=value` arguments as (key, value); a bare `--flag` is True; anything else is refused with its fix."""
+def _split_pairs(argv: list[str]) -> list[tuple[str, str | None]]:
+    """`--key=value` arguments as (key, value); a bare `--flag` has the value None; anything else is refused with its
+    fix."""
     pairs = []
     for index, arg in enumerate(argv):
         if not arg.startswith("--"):
             raise ConfigError(_not_an_option(arg, argv[index - 1] if index else ""))
         key, eq, value = arg[2:].partition("=")
-        pairs.append((key.replace("-", "_"), value if eq else "True"))  # a bare flag, e.g. --resume
+        pairs.append((key.replace("-", "_"), value if eq else None))  # None: a bare flag, e.g. --resume
     return pairs
 
 
@@ -126,7 +139,8 @@ class ParsedArgs(typing.NamedTuple):
 
 
 def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: str | None = None,
-               reads: Collection[str] = READS_ALL, usage: str = "", defaults: dict | None = None) -> ParsedArgs:
+               reads: Collection[str] = READS_ALL, usage: str = "", defaults: dict | None = None,
+               meanings: dict[str, str] | None = None) -> ParsedArgs:
     """Build a validated Config from `--preset=NAME --key=value ...`, or print the help and exit 0 on --help / -h.
 
     `extra` declares entry-point options that are not config fields (an OPTIONS dict, e.g. generate.py's --prompt),
@@ -136,13 +150,16 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
     --help lists only these. `usage` replaces the help's first line, `python X.py [--key=value ...]`. `defaults`
     are an entry point's own values for config fields (the fine-tuning scripts' learning rate): they replace the
     preset's before the command line is applied and validated, so `--learning_rate` alone keeps their ratio of
-    min_lr to learning_rate.
+    min_lr to learning_rate, and `--max_iters` alone shortens a warmup longer than a tenth of the run (of
+    lr_decay_iters when given) to that tenth. `meanings` replace config.py's help of some fields in this command's
+    --help, where a field means something else here (the fine-tuning scripts' --init_from).
     """
     extra, defaults = dict(extra or {}), dict(defaults or {})
     if "--help" in argv or "-h" in argv:
         chosen = next((a.partition("=")[2] for a in argv if a.startswith("--preset=") and "preset" in reads), None)
         try:
-            print(help_text(sys.modules["__main__"], extra, reads, preset, usage, defaults, chosen), flush=True)
+            print(help_text(sys.modules["__main__"], extra, reads, preset, usage, defaults, chosen, meanings),
+                  flush=True)
         except BrokenPipeError:  # `--help | head`: the reader has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
@@ -155,6 +172,16 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
     for key, value in pairs:
         if key == "preset" and "preset" in reads:
             continue
+        if value is None:  # a bare --flag: True for a switch; a text option (empty by default) has no value
+            default = extra[key] if key in extra else \
+                getattr(getattr(config, fields[key]), key) if key in fields else False
+            kind = typing.get_type_hints(type(getattr(config, fields[key])))[key] if key in fields and \
+                key not in extra else _option_type(default)
+            switch = bool in (typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,))
+            if (default is None or default == "") and not switch:
+                raise ConfigError(f"--{key} was given no value; write --{key}=VALUE (quote a value with spaces: "
+                                  f"--{key}=\"two words\")")
+            value = "True"
         if key in extra:  # the entry point's own options come first: sweep.py's --out_dir is not train.py's
             parsed = _parse_value(key, value, _option_type(extra[key]))
             if isinstance(extra[key], list):
@@ -173,6 +200,11 @@ def parse_args(argv: list[str], extra: dict[str, object] | None = None, preset: 
         config.train.min_lr = preset_train.min_lr * scale  # keep the preset's decay
     if "learning_rate" in overridden and "muon_lr" not in overridden and preset_train.optimizer == "muon":
         config.train.muon_lr = preset_train.muon_lr * scale  # one rate moves the preset's whole recipe
+    train = config.train
+    horizon = train.lr_decay_iters or train.max_iters  # the schedule's length: a resume that runs on keeps it
+    if {"max_iters", "lr_decay_iters"} & overridden and "warmup_iters" not in overridden and \
+            train.warmup_iters * 10 > horizon:
+        train.warmup_iters = horizon // 10  # the schedule shrinks with a short run, warmup included
     if "arch" in overridden:
         config.model.apply_arch(keep=overridden)  # --arch=llama sets its switches; --norm=... beside it wins
     config.validate()
@@ -334,10 +366,11 @@ def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
 
 def help_text(module: types.ModuleType, extra: dict[str, object], reads: Collection[str] = READS_ALL,
               preset: str | None = None, usage: str = "", defaults: dict | None = None,
-              chosen: str | None = None) -> str:
+              chosen: str | None = None, meanings: dict[str, str] | None = None) -> str:
     """The --help of an entry point: usage, its docstring's head, the presets, then its options and the config
     fields it reads, section by section, each with type, default and help. The arguments are parse_args's; `chosen`
-    is a --preset given beside --help, whose values the help then shows."""
+    is a --preset given beside --help, whose values the help then shows. A command that does not train lists the
+    train fields it reads (device, dtype, seed) as runtime options, in RUNTIME_HELP's words."""
     command = command_of(module)
     lines = [f"usage: {usage or command + ' [--key=value ...]'}", "", _doc_head(module.__doc__), ""]
     fields = _fields_read(reads)
@@ -359,13 +392,19 @@ def help_text(module: types.ModuleType, extra: dict[str, object], reads: Collect
     config = PRESETS[preset or "small"]()
     for key, value in (defaults or {}).items():  # the entry point's own, as parse_args sets them
         setattr(getattr(config, FIELD_SECTIONS[key]), key, value)
+    runtime = {} if "train" in reads else {name: text for name, text in RUNTIME_HELP.items() if name in fields}
     for section, kind in SECTIONS.items():
-        hints, helps = typing.get_type_hints(kind), field_help(kind)
-        rows = [(f"--{name}", _type_name(hints[name]),
-                 _describe_default(getattr(getattr(config, section), name), none="auto"), helps[name])
-                for name in fields if fields[name] == section]
-        if rows:
-            lines += [f"{section} options ({kind.__name__} in config.py):", *_table(rows), ""]
+        hints, helps = typing.get_type_hints(kind), {**field_help(kind), **RUNTIME_HELP, **(meanings or {})}
+        for title, names in ((f"{section} options ({kind.__name__} in config.py):",
+                              [n for n in fields if fields[n] == section and n not in runtime]),
+                             (f"runtime options (fields of {kind.__name__} in config.py, as this command uses them):",
+                              [n for n in fields if fields[n] == section and n in runtime])):
+            rows = [(f"--{name}", _type_name(hints[name]),
+                     _describe_default(getattr(getattr(config, section), name), none="auto"),
+                     helps[name] if name in runtime or name in (meanings or {}) else field_help(kind)[name])
+                    for name in names]
+            if rows:
+                lines += [title, *_table(rows), ""]
     lines.append("Write every option as --key=value (quote a value that has spaces: --key=\"two words\"); a bare "
                  "--flag means --flag=True.")
     return "\n".join(lines)

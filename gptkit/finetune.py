@@ -41,10 +41,16 @@ NOT_READ = {
 FIXED_ON_RESUME = ("val_fraction", "text_column")
 
 
+# --init_from's "scratch" (config.py's default) means no random weights here: load_base takes the latest pretrained run
+INIT_FROM_HELP = ("the model to fine-tune: a checkpoint of this repository (checkpoints/<run>/best.pt or a run "
+                  "folder); gpt2 (-medium, -large, -xl): OpenAI's; or a Hugging Face folder; scratch: the latest "
+                  "pretraining run")
+
+
 def parse(argv: list[str], options: dict, defaults: dict, not_read: dict[str, str] | None = None) -> ParsedArgs:
     """The command line over the script's `defaults` (applied before validation, so --learning_rate alone scales
     min_lr from the script's rates), refusing the config fields it does not read, then the options both take."""
-    parsed = parse_args(argv, extra=options, defaults=defaults)
+    parsed = parse_args(argv, extra=options, defaults=defaults, meanings={"init_from": INIT_FROM_HELP})
     refused = sorted(parsed.overridden & {**NOT_READ, **(not_read or {})}.keys())
     if refused:
         name = refused[0]
@@ -115,6 +121,9 @@ def load_base(init_from: str) -> loading.LoadedModel:
                             "--init_from=gpt2 or --init_from=checkpoints/<run>/best.pt") from None
         return loading.load_model(ckpt=str(run))
     path = Path(init_from)
+    if path.suffix == ".pt" and not path.exists():  # said here: loading would name its own option, --ckpt
+        raise UserError(f"--init_from={init_from} does not exist; give a checkpoint of a run "
+                        "(checkpoints/<run>/best.pt), a run folder, or gpt2")
     if path.suffix == ".pt" or (path.is_dir() and not (path / "config.json").exists()):
         return loading.load_model(ckpt=init_from)
     return loading.load_model(init_from=init_from)

