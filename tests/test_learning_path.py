@@ -5,6 +5,7 @@ Chinese README's table holds the very same commands.
 """
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -36,10 +37,20 @@ EXPECTED = {
                     ["checkpoints/tour-instruct/best.pt", "checkpoints/tour-instruct/responses.json"]),
     "--lora_rank": (["LoRA rank 16", "merged the adapters into the weights"], ["checkpoints/tour-lora/merged.pt"]),
     "tour.py rope": (["depends on the distance m - n alone", "saved runs/tour/rope.png"], ["runs/tour/rope.png"]),
-    "--dataset=addition": (["done: best val loss"], ["checkpoints/tour-sums/best.pt"]),
+    "train.py --preset=tiny --dataset=addition": (["done: best val loss"], ["checkpoints/tour-sums/best.pt"]),
+    "instruct.py --init_from=checkpoints/tour-sums": (["before training: test exact match", "test exact match"],
+                                                     ["checkpoints/tour-sums-sft/best.pt"]),
     "dpo.py": (["making pairs", "reward_margin", "test exact match (greedy):"],
                ["checkpoints/tour-dpo/best.pt", "checkpoints/tour-dpo/pairs.jsonl"]),
     "rl.py": (["before RL: test reward", "any_right", "test reward (greedy"], ["checkpoints/tour-rl/best.pt"]),
+}
+# Rows whose idea must visibly work: the accuracy before and after, as the command prints them, and how they must
+# compare. RL from the partial SFT start must raise it; DPO's 20 steps must at least not lower it.
+EFFECTS = {
+    "instruct.py --init_from=checkpoints/tour-sums": (
+        r"before training: test exact match \(greedy\) ([\d.]+)%.*test exact match \(greedy\): ([\d.]+)%", "rises"),
+    "dpo.py": (r"test exact match \(greedy\): ([\d.]+)% -> ([\d.]+)%", "holds"),
+    "rl.py": (r"test reward \(greedy; exact match unless --reward\): ([\d.]+)% -> ([\d.]+)%", "rises"),
 }
 # Each README and the heading of its learning path; the first is the one whose commands run.
 READMES = {"README.md": "## Learning path", "README.zh-CN.md": "## 学习路径"}
@@ -114,3 +125,10 @@ def test_every_learning_path_command_runs_and_shows_its_chapter(tmp_path, offlin
             assert piece in result.stdout, f"{command}: {piece!r} not in\n{result.stdout[-2000:]}"
         for name in files:
             assert (tmp_path / name).exists(), f"{command} left no {name}"
+        key = next((key for key in EFFECTS if key in command), None)
+        if key is not None:
+            pattern, wanted = EFFECTS[key]
+            found = re.search(pattern, result.stdout, re.DOTALL)
+            assert found, f"{command}: no accuracy before -> after in\n{result.stdout[-2000:]}"
+            before, after = float(found[1]), float(found[2])
+            assert after > before if wanted == "rises" else after >= before, f"{command}: {before}% -> {after}%"
