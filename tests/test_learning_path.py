@@ -40,7 +40,9 @@ EXPECTED = {
                     ["checkpoints/tour-instruct/best.pt", "checkpoints/tour-instruct/responses.json"]),
     "--lora_rank": (["LoRA rank 16", "merged the adapters into the weights"], ["checkpoints/tour-lora/merged.pt"]),
     "tour.py rope": (["depends on the distance m - n alone", "saved runs/tour/rope.png"], ["runs/tour/rope.png"]),
-    "--dataset=addition": (["done: best val loss"], ["checkpoints/tour-sums/best.pt"]),
+    "train.py --preset=tiny --dataset=addition": (["done: best val loss"], ["checkpoints/tour-sums/best.pt"]),
+    "instruct.py --init_from=checkpoints/tour-sums": (["before training: test exact match", "test exact match"],
+                                                     ["checkpoints/tour-sums-sft/best.pt"]),
     "dpo.py": (["making pairs", "reward_margin", "test exact match (greedy):"],
                ["checkpoints/tour-dpo/best.pt", "checkpoints/tour-dpo/pairs.jsonl"]),
     "rl.py": (["before RL: test reward", "any_right", "test reward (greedy"], ["checkpoints/tour-rl/best.pt"]),
@@ -83,10 +85,25 @@ def answers_in_words(result: subprocess.CompletedProcess, folder: Path) -> None:
     assert "answering the test split" in result.stderr, "the test split is answered without a progress bar"
 
 
+def accuracy_moves(pattern: str, result: subprocess.CompletedProcess, rises: bool) -> None:
+    found = re.search(pattern, result.stdout, re.DOTALL)
+    assert found, f"no accuracy before -> after in\n{result.stdout[-2000:]}"
+    before, after = float(found[1]), float(found[2])
+    assert after > before if rises else after >= before, f"test accuracy {before}% -> {after}%"
+
+
 # What each training row must show besides its output: the effect its chapter is about.
 EFFECTS = {"train.py --preset=tiny": learns_below_the_unigram_baseline, "generate.py": writes_words,
            "torchrun": leaves_warmup, "classify.py --init_from": beats_the_majority_class,
-           "instruct.py": answers_in_words, "--lora_rank": beats_the_majority_class}
+           "instruct.py": answers_in_words, "--lora_rank": beats_the_majority_class,
+           "instruct.py --init_from=checkpoints/tour-sums": lambda result, folder: accuracy_moves(
+               r"before training: test exact match \(greedy\) ([\d.]+)%.*test exact match \(greedy\): ([\d.]+)%",
+               result, rises=True),
+           # DPO's 20 steps must at least not lower the accuracy; RL from the partial SFT start must raise it.
+           "dpo.py": lambda result, folder: accuracy_moves(
+               r"test exact match \(greedy\): ([\d.]+)% -> ([\d.]+)%", result, rises=False),
+           "rl.py": lambda result, folder: accuracy_moves(
+               r"test reward \(greedy; exact match unless --reward\): ([\d.]+)% -> ([\d.]+)%", result, rises=True)}
 # Each README and the heading of its learning path; the first is the one whose commands run.
 READMES = {"README.md": "## Learning path", "README.zh-CN.md": "## 学习路径"}
 
