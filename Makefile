@@ -111,7 +111,7 @@ rl: $(VENV)/.installed ## GRPO with verifiable rewards on the latest instruct ru
 post-training-bench: $(VENV)/.installed ## SFT alone, more SFT, DPO (with/without NLL) and RL from one SFT start, same steps (docs/post-training.md)
 	OMP_NUM_THREADS=1 $(PY) -m tools.post_training_bench $(ARGS)
 
-chat: $(VENV)/.installed ## Chat in the terminal with the latest instruct run (CKPT=PATH, RUN=NAME, ARGS="--system=...")
+chat: $(VENV)/.installed ## Chat in the terminal with the latest instruct, dpo or rl run (CKPT=PATH, RUN=NAME, ARGS="--system=...")
 	$(PY) chat.py $(if $(CKPT),--ckpt=$(CKPT)) $(if $(RUN),--run=$(RUN)) $(ARGS)
 
 serve: $(VENV)/.installed ## OpenAI-compatible API + chat page at http://127.0.0.1:8000 (CKPT=, RUN=, PORT=, HOST=)

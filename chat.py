@@ -68,9 +68,9 @@ class ChatModel:
 
 
 def default_chat_checkpoint() -> str:
-    """The most recent instruct.py run: instruction- and chat-tuned runs alike."""
+    """The most recent instruct.py, dpo.py or rl.py run: each holds an instruction- or chat-tuned model."""
     try:
-        return str(checkpoint.latest_run(kinds=("instruct",)))
+        return str(checkpoint.latest_run(kinds=("instruct", "dpo", "rl")))
     except UserError:
         raise UserError(f"no instruction- or chat-tuned run under {checkpoint.CHECKPOINTS_ROOT}/; "
                         f"{HOW_TO_MAKE_ONE}") from None

@@ -51,7 +51,7 @@ from gptkit.cli import parse_args, run_cli
 CONFIG_FIELDS_USED = {"device", "dtype", "fast_kernels"}
 
 OPTIONS = {
-    "ckpt": "",  # a checkpoint file or run folder of instruct.py; default: the most recent instruct.py run
+    "ckpt": "",  # a checkpoint file or run folder of instruct.py, dpo.py or rl.py; default: the most recent such run
     "run": "",  # a run name under checkpoints/
     "host": "127.0.0.1",  # the address to listen on; 0.0.0.0 opens the server (which has no login) to the network
     "port": 8000,  # the port to listen on

@@ -10,10 +10,12 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import chat
 from config import UserError
 from gptkit import posttrain, tasks
 from tests.helpers import REPO
@@ -223,3 +225,17 @@ def test_a_start_without_a_chat_template_is_refused_unless_it_read_only_the_task
         posttrain.template_of(None, 256, "base.pt", trained_on="shakespeare")
     info, template = posttrain.template_of(None, 256, "base.pt", trained_on="addition")
     assert info["prompt_style"] == "chat" and template.user == "User: {content}\n"
+
+
+def test_make_chat_takes_the_latest_dpo_or_rl_run_as_it_takes_an_instruct_run(tmp_path, monkeypatch):
+    """`make rl` then `make chat` must talk to the RL run, not to the older instruct run it started from."""
+    monkeypatch.chdir(tmp_path)
+    for age, (name, kind) in enumerate([("instruct-a", "instruct"), ("rl-b", "rl"), ("classify-c", "classify")]):
+        folder = tmp_path / "checkpoints" / name
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"kind": kind}))
+        (folder / "best.pt").write_bytes(b"")
+        os.utime(folder / "best.pt", (1_000_000 + age, 1_000_000 + age))
+    assert Path(chat.default_chat_checkpoint()).name == "rl-b"
+    (tmp_path / "checkpoints" / "rl-b" / "manifest.json").write_text(json.dumps({"kind": "dpo"}))
+    assert Path(chat.default_chat_checkpoint()).name == "rl-b"
