@@ -251,6 +251,7 @@ def test_a_tiny_preset_run_trained_by_train_py_runs_in_llama_cpp_as_generate_py_
                        f"--out={tmp_path / 'tiny.gguf'}"], REPO)
     assert made.returncode == 0, made.stderr[-3000:]
     assert "wrote" in made.stdout and "gptneox" in made.stdout
+    assert "llama-completion -m" in made.stdout  # a plain model continues text; llama-cli would open a chat
     sampled = run_script([str(REPO / "generate.py"), "--run=tiny", f"--prompt={PROMPT}", "--temperature=0",
                           f"--max_new_tokens={NEW_TOKENS}", "--device=cpu"], tmp_path)
     assert sampled.returncode == 0, sampled.stderr[-3000:]

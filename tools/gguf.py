@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     chat = "with its chat template" if written["chat_template"] else "no chat template (not a chat-tuned run)"
     print(f"wrote {out} ({written['architecture']}, {dtype}, {size / 1e6:.1f} MB, {chat}) and "
           f"{written['modelfile']}")
-    print(f"run it: llama-cli -m {out}   or   ollama create mymodel -f {written['modelfile']} && ollama run mymodel")
+    # llama-cli chats; a plain language model continues text with llama-completion (README, docs/gguf.md).
+    llama_cpp_line = f"llama-cli -m {out}" if written["chat_template"] else f'llama-completion -m {out} -p "ROMEO:"'
+    print(f"run it: {llama_cpp_line}   or   ollama create mymodel -f {written['modelfile']} && ollama run mymodel")
     if args.options["compare"]:
         prompt_ids = data.get_tokenizer(payload.get("tokenizer") or {"name": "gpt2"}).encode(args.options["compare"])
         found = gguf.compare_with_llama_cpp(out, model.eval(), prompt_ids)
