@@ -208,8 +208,8 @@ def load_splits(dataset: str, options: dict, val_fraction: float, seed: int) -> 
     columns = {key: options[f"{key}_column"] for key in ("instruction", "input", "output")}
     if dataset == DEFAULT_DATASET:
         splits = {"train": chatterbot_entries()}
-    elif dataset == tasks.ADDITION:  # the built-in verifiable task, with its own splits (gptkit/tasks.py)
-        return {split: [Entry(row["prompt"], "", row["answer"]) for row in rows]
+    elif dataset == tasks.ADDITION:  # the built-in verifiable task: its own splits, its teacher's answers (tasks.py)
+        return {split: [Entry(row["prompt"], "", row["teacher"]) for row in rows]
                 for split, rows in tasks.addition_splits().items()}
     elif dataset.startswith("hf:"):
         splits = read_hf(dataset, columns)

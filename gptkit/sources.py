@@ -98,7 +98,7 @@ def _addition_source() -> Source:
         splits = tasks.addition_splits()
         return {split: tasks.addition_transcripts(splits[split]) for split in ("train", "val")}
 
-    fingerprint = f"{tasks.ADDITION}:{tasks.DIGITS}:{tasks.SEED}:{tasks.SPLIT_SIZES}"
+    fingerprint = f"{tasks.ADDITION}:{tasks.DIGITS}:{tasks.SEED}:{tasks.SPLIT_SIZES}:{tasks.TEACHER_SLIP}"
     return Source(tasks.ADDITION, "built-in (gptkit/tasks.py)", fingerprint, load)
 
 

@@ -5,9 +5,12 @@ project itself (no download), split train/val/test with no question shared betwe
     python instruct.py --dataset=addition --init_from=checkpoints/<that run>                # the SFT start
     python rl.py                                                                            # then GRPO on it
 
-Each row is {"prompt", "answer"} (rl.py's format); instruct.py reads the same rows as instruction and output. The
-size was chosen by measurement (docs/post-training.md): a `tiny` model gets some but not most of two-digit sums
-right after a short SFT, the range where RL has right answers to learn from and room to improve.
+Each row is {"prompt", "answer", "teacher"}: rl.py's format (the answer is the true sum, what a reward checks)
+plus the teacher's answer, what instruct.py imitates. The train split's teacher is sloppy: where the units carry
+(57+38), it forgets the carry three times in four ("85"), as a hurried person might. So SFT learns the teacher's
+habit, mistakes included (about half the questions carry, and SFT plateaus near 53% however long it trains), while
+RL and DPO, scored by the true sum, can learn past their teacher: the reason to go past SFT (docs/post-training.md).
+Held-out questions (val, test) carry the true sum as both answers: they are the exam, not demonstrations.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ ADDITION = "addition"
 DIGITS = 2  # each number has up to this many digits: 10,000 questions in all
 SPLIT_SIZES = {"test": 300, "val": 200}  # train: every other question
 SEED = 37  # the data set is the same on every machine: its rows are part of the benchmark
+TEACHER_SLIP = 0.75  # the share of carrying train questions whose demonstration forgot the carry
 
 
 def addition_question(rng: random.Random) -> tuple[int, int]:
@@ -25,9 +29,9 @@ def addition_question(rng: random.Random) -> tuple[int, int]:
 
 
 def addition_splits() -> dict[str, list[dict]]:
-    """{"train": [{"prompt": "123+45", "answer": "168"}, ...], "val": [...], "test": [...]}: held-out questions are
-    drawn first and never appear in train (a+b and b+a count as different questions)."""
-    rng = random.Random(SEED)
+    """{"train": [{"prompt": "57+38", "answer": "95", "teacher": "85"}, ...], "val": [...], "test": [...]}: held-out
+    questions are drawn first and never appear in train (a+b and b+a count as different questions)."""
+    rng, teacher_rng = random.Random(SEED), random.Random(SEED + 1)
     seen: set[tuple[int, int]] = set()
     splits: dict[str, list[dict]] = {}
     for split in ("test", "val", "train"):
@@ -38,15 +42,19 @@ def addition_splits() -> dict[str, list[dict]]:
             if (a, b) in seen:
                 continue
             seen.add((a, b))
-            rows.append({"prompt": f"{a}+{b}", "answer": str(a + b)})
+            teacher = a + b
+            if split == "train" and a % 10 + b % 10 >= 10 and teacher_rng.random() < TEACHER_SLIP:
+                teacher -= 10  # the carry from the units into the tens, forgotten
+            rows.append({"prompt": f"{a}+{b}", "answer": str(a + b), "teacher": str(teacher)})
         splits[split] = rows
     return {split: splits[split] for split in ("train", "val", "test")}
 
 
 def addition_transcripts(rows: list[dict]) -> list[str]:
-    """Rows as the chat transcripts instruct.py's chat style renders ("User: 1+2\\nAssistant: 3"): the text a model
-    is pretrained on with --dataset=addition, one document (ended by the end-of-text token) per question."""
-    return [f"User: {row['prompt']}\nAssistant: {row['answer']}" for row in rows]
+    """Rows as the chat transcripts instruct.py's chat style renders ("User: 1+2\\nAssistant: 3"), with the teacher's
+    answers: the text a model is pretrained on with --dataset=addition, one document (ended by the end-of-text token)
+    per question."""
+    return [f"User: {row['prompt']}\nAssistant: {row['teacher']}" for row in rows]
 
 
 def exact_match(reply: str, answer: str) -> float:

@@ -85,26 +85,27 @@ def answers_in_words(result: subprocess.CompletedProcess, folder: Path) -> None:
     assert "answering the test split" in result.stderr, "the test split is answered without a progress bar"
 
 
-def accuracy_moves(pattern: str, result: subprocess.CompletedProcess, rises: bool) -> None:
+def accuracy_rises(pattern: str, result: subprocess.CompletedProcess, by: float) -> None:
     found = re.search(pattern, result.stdout, re.DOTALL)
     assert found, f"no accuracy before -> after in\n{result.stdout[-2000:]}"
     before, after = float(found[1]), float(found[2])
-    # Holding allows 3 points, about one standard error of 300 questions at these accuracies' worst (50%).
-    assert after > before if rises else after >= before - 3, f"test accuracy {before}% -> {after}%"
+    assert after >= before + by, f"test accuracy {before}% -> {after}%, not {by} points up"
 
 
 # What each training row must show besides its output: the effect its chapter is about.
 EFFECTS = {"train.py --preset=tiny": learns_below_the_unigram_baseline, "generate.py": writes_words,
            "torchrun": leaves_warmup, "classify.py --init_from": beats_the_majority_class,
            "instruct.py": answers_in_words, "--lora_rank": beats_the_majority_class,
-           "instruct.py --init_from=checkpoints/tour-sums": lambda result, folder: accuracy_moves(
+           # SFT learns the sloppy teacher's sums (about half right: it forgets the carry as the teacher did); DPO
+           # and RL, scored by the true sum, must learn past their teacher. 10 points is about three standard errors
+           # of 300 questions; they rose 29 and 38 points when measured (docs/post-training.md).
+           "instruct.py --init_from=checkpoints/tour-sums": lambda result, folder: accuracy_rises(
                r"before training: test exact match \(greedy\) ([\d.]+)%.*test exact match \(greedy\): ([\d.]+)%",
-               result, rises=True),
-           # From the SFT start (past the sums' click) DPO and RL must hold the accuracy: neither may collapse.
-           "dpo.py": lambda result, folder: accuracy_moves(
-               r"test exact match \(greedy\): ([\d.]+)% -> ([\d.]+)%", result, rises=False),
-           "rl.py": lambda result, folder: accuracy_moves(
-               r"test reward \(greedy; exact match unless --reward\): ([\d.]+)% -> ([\d.]+)%", result, rises=False)}
+               result, by=25),
+           "dpo.py": lambda result, folder: accuracy_rises(
+               r"test exact match \(greedy\): ([\d.]+)% -> ([\d.]+)%", result, by=10),
+           "rl.py": lambda result, folder: accuracy_rises(
+               r"test reward \(greedy; exact match unless --reward\): ([\d.]+)% -> ([\d.]+)%", result, by=10)}
 # Each README and the heading of its learning path; the first is the one whose commands run.
 READMES = {"README.md": "## Learning path", "README.zh-CN.md": "## 学习路径"}
 

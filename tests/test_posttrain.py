@@ -104,6 +104,20 @@ def test_the_addition_task_is_fixed_and_no_held_out_question_is_in_train():
     assert all(eval(row["prompt"]) == int(row["answer"]) for row in splits["test"])  # noqa: S307 (our own sums)
 
 
+def test_the_teacher_forgets_the_carry_only_in_train_and_the_answer_stays_true():
+    splits = tasks.addition_splits()
+    for split, rows in splits.items():
+        assert all(eval(row["prompt"]) == int(row["answer"]) for row in rows), split  # noqa: S307 (our own sums)
+    for row in splits["val"] + splits["test"]:
+        assert row["teacher"] == row["answer"]
+    carrying = [row for row in splits["train"] if sum(int(n) % 10 for n in row["prompt"].split("+")) >= 10]
+    slips = [row for row in splits["train"] if row["teacher"] != row["answer"]]
+    assert {row["prompt"] for row in slips} <= {row["prompt"] for row in carrying}  # only a carry is forgotten
+    assert all(int(row["answer"]) - int(row["teacher"]) == 10 for row in slips)
+    assert abs(len(slips) / len(carrying) - tasks.TEACHER_SLIP) < 0.03
+    assert tasks.addition_transcripts(slips[:1]) == [f"User: {slips[0]['prompt']}\nAssistant: {slips[0]['teacher']}"]
+
+
 def test_rewards_that_raise_or_return_no_number_name_the_row(tmp_path):
     file = tmp_path / "my_reward.py"
     file.write_text("def boom(prompt, reply, row):\n    raise ValueError('bad')\n"
