@@ -8,7 +8,7 @@ project itself (no download), split train/val/test with no question shared betwe
 Each row is {"prompt", "answer", "teacher"}: rl.py's format (the answer is the true sum, what a reward checks)
 plus the teacher's answer, what instruct.py imitates. The train split's teacher is sloppy: where the units carry
 (57+38), it forgets the carry three times in four ("85"), as a hurried person might. So SFT learns the teacher's
-habit, mistakes included (about half the questions carry, and SFT plateaus near 53% however long it trains), while
+habit, mistakes included (45% of the questions carry, and SFT plateaus near 55% however long it trains), while
 RL and DPO, scored by the true sum, can learn past their teacher: the reason to go past SFT (docs/post-training.md).
 Held-out questions (val, test) carry the true sum as both answers: they are the exam, not demonstrations.
 """
