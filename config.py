@@ -329,18 +329,18 @@ def _preset(model: dict, train: dict, data: dict | None = None) -> Config:
 
 
 # Each preset is a complete config. `tiny` is sized for 2 CPU cores: `make train` trains it for about 5 minutes, with
-# the recipe that reached the lowest bits per byte in that time here: Muon with weight decay 0.1 and a wsd schedule
-# (docs/optimizer.md), a 2,048-token BPE learned from the data, whose small LM head makes a step ~4x cheaper than
-# GPT-2's 50,257-token one (docs/tokenizer.md), and rotary positions (docs/architecture.md); `--tokenizer=gpt2
-# --arch=gpt2` gives back the book's GPT-2. `small` holds the numbers users of nanoGPT-style repos know (~30M
-# parameters); the gpt2* presets are OpenAI's GPT-2 sizes, for GPUs.
+# the recipe that reached the lowest bits per byte in that time here: Muon (weight decay 0.1, three Newton-Schulz
+# steps) and a wsd schedule (docs/optimizer.md), a 2,048-token BPE learned from the data, whose small LM head makes
+# a step ~4x cheaper than GPT-2's 50,257-token one (docs/tokenizer.md), and rotary positions
+# (docs/architecture.md); `--tokenizer=gpt2 --arch=gpt2` gives back the book's GPT-2. `small` holds the numbers
+# users of nanoGPT-style repos know (~30M parameters); the gpt2* presets are OpenAI's GPT-2 sizes, for GPUs.
 PRESETS: dict[str, Callable[[], Config]] = {
     "tiny": lambda: _preset(
         dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, position="rope"),
         dict(batch_size=12, max_iters=6000, learning_rate=4e-3, min_lr=4e-4, warmup_iters=100,
              eval_interval=200, eval_iters=20, log_interval=10, weight_decay=0.1, optimizer="muon",
-             muon_adjust_lr="match_rms_adamw", muon_lr=8e-3, muon_weight_decay=0.1, lr_schedule="wsd",
-             cooldown_frac=0.3),
+             muon_adjust_lr="match_rms_adamw", muon_lr=8e-3, muon_weight_decay=0.1, muon_ns_steps=3,
+             lr_schedule="wsd", cooldown_frac=0.3),
         dict(tokenizer="bpe:2048")),
     "small": lambda: _preset(
         dict(n_layer=6, n_head=6, n_embd=384, block_size=512, dropout=0.1),
