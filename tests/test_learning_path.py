@@ -98,7 +98,7 @@ EFFECTS = {"train.py --preset=tiny": learns_below_the_unigram_baseline, "generat
            "instruct.py": answers_in_words, "--lora_rank": beats_the_majority_class,
            # SFT learns the sloppy teacher's sums (about half right: it forgets the carry as the teacher did); DPO
            # and RL, scored by the true sum, must learn past their teacher. 10 points is about three standard errors
-           # of 300 questions; they rose 24 and 39 points when measured (docs/post-training.md).
+           # of 300 questions; they rose 23 and 33 points when last measured (docs/post-training.md).
            "instruct.py --init_from=checkpoints/tour-sums": lambda result, folder: accuracy_rises(
                r"before training: test exact match \(greedy\) ([\d.]+)%.*test exact match \(greedy\): ([\d.]+)%",
                result, by=25),
